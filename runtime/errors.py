@@ -36,3 +36,22 @@ class MissingDependencyError(UserError):
         super().__init__(f"{package} is required {purpose} but is not installed.",
                          fix=f"install it with: {install}")
         self.package = package
+
+
+def run_cli(group, args=None) -> None:
+    """Run a click group; a UserError becomes a message on stderr and its exit code, no traceback."""
+    import sys
+
+    import click
+
+    try:
+        group.main(args=args, standalone_mode=False)
+    except UserError as err:
+        click.echo(f"error: {err.message()}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)

@@ -7,15 +7,12 @@ third-party graphs contain, which our fused-attention pass recognises.
 """
 from __future__ import annotations
 
-import enum
-
 import torch
 import torch.nn.functional as F
 
+from sdcompile.options import AttentionImpl
 
-class AttentionImpl(enum.Enum):
-    SDPA = "sdpa"
-    EXPLICIT = "explicit"
+__all__ = ["AttentionImpl", "attention", "causal_mask", "merge_heads", "split_heads"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: AttentionImpl,

@@ -1,0 +1,36 @@
+# One command per job; each creates/uses the virtual environment in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= build/demo
+BENCH_ARGS ?=
+
+.PHONY: install test test-slow demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Default tier: CPU only, tiny recipe, parity with independent implementations.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Full-size SD 1.5 / 2.1 architectures with random weights (tens of minutes, ~16 GB memory).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+# Tiny recipe: export with random weights, optimize, and generate a PNG.
+demo: $(STAMP)
+	$(VENV)/bin/sdcompile export --recipe tiny --random-weights --seed 0 --component all --out $(DEMO_DIR)/bundle --force
+	$(VENV)/bin/sdrun txt2img --bundle $(DEMO_DIR)/bundle --prompt "a lighthouse on a cliff at dawn" --seed 42 --out $(DEMO_DIR)/demo.png
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,191 @@
+"""The bundle: a self-describing directory made by `sdcompile export`, read by `sdrun`.
+
+Layout:
+    manifest.json                  what is here, how it was made, content hashes
+    tokenizer/<vocab>.txt.gz       CLIP BPE vocabulary
+    <component>/model.onnx         one graph per component (+ model.onnx.data when large)
+    <component>/*.plan             TensorRT engines, named by TensorRT version and GPU
+
+Tensor dims are ints or symbols bound at run time (see `ShapeBinding`); the runtime never
+re-declares a shape the manifest knows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from sdrun.errors import UserError
+
+FORMAT = "sdcompile-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# Symbolic dims. Batch counts prompts; `cfg_batch` is the UNet/text-encoder batch, 2·batch with
+# classifier-free guidance and batch without it. Heights and widths in pixels or latent cells.
+SYMBOLS = ("batch", "cfg_batch", "latent_height", "latent_width", "image_height", "image_width")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "float16", "int32"
+    dims: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], data["dtype"], tuple(data["dims"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeBinding:
+    """Values of the symbolic dims for one run."""
+
+    batch: int
+    cfg_batch: int
+    image_height: int
+    image_width: int
+    vae_scale: int
+
+    def value(self, symbol: str) -> int:
+        values = {"batch": self.batch, "cfg_batch": self.cfg_batch,
+                  "image_height": self.image_height, "image_width": self.image_width,
+                  "latent_height": self.image_height // self.vae_scale,
+                  "latent_width": self.image_width // self.vae_scale}
+        return values[symbol]
+
+
+def resolve_shape(dims: tuple[int | str, ...], binding: ShapeBinding) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else binding.value(d) for d in dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentRecord:
+    """One component's entry in the manifest."""
+
+    name: str
+    graph: str  # path relative to the bundle
+    files: dict  # relative path -> sha256 of every file the graph needs
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profile: dict  # input name -> {"min": [...], "opt": [...], "max": [...]}
+    precision: str
+    passes: tuple[str, ...]
+    report: dict = dataclasses.field(default_factory=dict)
+    engines: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["inputs"] = [t.to_dict() for t in self.inputs]
+        data["outputs"] = [t.to_dict() for t in self.outputs]
+        data["passes"] = list(self.passes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ComponentRecord":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["inputs"] = tuple(TensorSpec.from_dict(t) for t in data["inputs"])
+        values["outputs"] = tuple(TensorSpec.from_dict(t) for t in data["outputs"])
+        values["passes"] = tuple(data["passes"])
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    recipe: dict  # the recipe as plain data (sdcompile.recipes.Recipe.to_dict())
+    source: dict  # {"kind": "random", "seed": N} or {"kind": "checkpoint", "path": ..., "sha256": ...}
+    weights_sha256: str
+    tokenizer: dict  # {"vocab": relative path, "sha256": ..., "pad_id": int, "context_length": int}
+    components: dict  # name -> ComponentRecord
+    tools: dict  # package -> version
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["components"] = {n: c.to_dict() for n, c in self.components.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["components"] = {n: ComponentRecord.from_dict(c) for n, c in data["components"].items()}
+        return cls(**values)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temp file beside `path`, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    """Parse and structurally validate `bundle/manifest.json` (hashes are checked separately)."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_NAME
+    if not bundle.is_dir():
+        raise UserError(f"bundle directory {bundle} does not exist.",
+                        fix="create one with `sdcompile export --recipe NAME --out DIR ...`")
+    if not path.is_file():
+        raise UserError(f"{bundle} is not a bundle: {MANIFEST_NAME} is missing.",
+                        fix="pass the directory written by `sdcompile export --out DIR`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}).", fix="re-export the bundle") from None
+    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has an unsupported format.",
+                        expected=f"{FORMAT} version {FORMAT_VERSION}",
+                        got=f"{data.get('format')} version {data.get('format_version')}",
+                        fix="re-export the bundle with this version of sdcompile")
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{path} is missing or has malformed entries ({err}).", fix="re-export the bundle") from None
+
+
+def verify_component_files(bundle: Path, record: ComponentRecord) -> None:
+    """Refuse a component whose files are missing or differ from the hashes in the manifest."""
+    for relative, expected in record.files.items():
+        path = Path(bundle) / relative
+        if not path.is_file():
+            raise UserError(f"bundle file {path} is missing.", fix=_reexport_fix(record.name))
+        actual = sha256_file(path)
+        if actual != expected:
+            raise UserError(f"bundle file {path} does not match the manifest (tampered or half-written).",
+                            expected=f"sha256 {expected}", got=f"sha256 {actual}", fix=_reexport_fix(record.name))
+
+
+def require_components(manifest: Manifest, names: list[str], bundle: Path) -> None:
+    missing = [n for n in names if n not in manifest.components]
+    if missing:
+        raise UserError(f"bundle {bundle} lacks the component(s) {', '.join(missing)}.",
+                        expected=", ".join(names), got=", ".join(manifest.components) or "none",
+                        fix=f"sdcompile export --component {' --component '.join(missing)} --out {bundle} ...")
+
+
+def _reexport_fix(component: str) -> str:
+    return f"re-export it: sdcompile export --component {component} --out BUNDLE ... --force"

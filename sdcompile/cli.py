@@ -1,0 +1,74 @@
+"""`sdcompile`: export, optimize, inspect and build Stable Diffusion components.
+
+Each command parses its options, builds a config and calls one library function.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sdcompile import __version__
+from sdcompile.options import DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
+from sdrun.errors import UserError, run_cli
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sdcompile")
+def cli() -> None:
+    """Compile Stable Diffusion checkpoints into verified ONNX graphs and TensorRT engines.
+
+    \b
+    Typical flow:
+      sdcompile export --recipe sd15 --checkpoint v1-5.safetensors --component all --out bundle/
+      sdcompile inspect bundle/
+      sdcompile build-trt bundle/
+      sdrun txt2img --bundle bundle/ --prompt "a lighthouse at dawn"
+    """
+
+
+@cli.command("recipes")
+def recipes_command() -> None:
+    """List the built-in recipes."""
+    from sdcompile.recipes import available_recipes, load_recipe
+
+    for name in available_recipes():
+        click.echo(f"{name:10s} {load_recipe(name).description}")
+
+
+@cli.command("export")
+@click.option("--recipe", required=True, help="recipe name (see `sdcompile recipes`) or path to a .toml file")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help=".safetensors/.ckpt file or diffusers folder")
+@click.option("--random-weights", is_flag=True, help="seeded random weights instead of a checkpoint")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed for --random-weights")
+@click.option("--component", "components", multiple=True, default=("all",), show_default=True,
+              help="text_encoder | unet | vae_decoder | vae_encoder | all (repeatable)")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="bundle directory to write")
+@click.option("--precision", type=click.Choice([p.value for p in Precision]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 23 for fused attention)")
+@click.option("--attention", type=click.Choice([a.value for a in AttentionImpl]), default="sdpa", show_default=True,
+              help="attention as traced: sdpa (exports as Attention) or explicit MatMul-Softmax-MatMul")
+@click.option("--attention-target", type=click.Choice([t.value for t in AttentionTarget]), default="onnx",
+              show_default=True, help="fused attention op: standard ONNX Attention or com.microsoft MultiHeadAttention")
+@click.option("--no-verify", is_flag=True, help="skip the ONNX Runtime vs eager PyTorch accuracy gate")
+@click.option("--force", is_flag=True, help="replace a bundle made from another recipe or checkpoint")
+def export_command(recipe, checkpoint, random_weights, seed, components, out, precision, opset, attention,
+                   attention_target, no_verify, force) -> None:
+    """Export components of a Stable Diffusion model into a verified ONNX bundle."""
+    from sdcompile.bundler import ExportConfig, export_bundle
+    from sdcompile.recipes import load_recipe
+    from sdcompile.weights import RandomWeights
+
+    if bool(checkpoint) == random_weights:
+        raise UserError("choose the weights: exactly one of --checkpoint PATH and --random-weights.",
+                        got="both" if checkpoint else "neither", fix="add --checkpoint PATH or --random-weights")
+    config = ExportConfig(recipe=load_recipe(recipe), source=checkpoint or RandomWeights(seed), out=out,
+                          components=components, precision=Precision(precision), opset=opset,
+                          attention=AttentionImpl(attention), attention_target=AttentionTarget(attention_target),
+                          verify=not no_verify, force=force)
+    manifest = export_bundle(config, log=lambda line: click.echo(line, err=True))
+    click.echo(f"wrote {out} ({', '.join(manifest.components)})")
+
+
+def main(args=None) -> None:
+    run_cli(cli, args)

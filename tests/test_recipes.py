@@ -1,0 +1,80 @@
+import dataclasses
+
+import pytest
+
+from sdcompile.recipes import (RECIPES_DIR, Family, Parameterization, TokenizerPadding, available_recipes,
+                               load_recipe, recipe_from_dict)
+from sdrun.errors import UserError
+
+
+def test_builtin_recipes_load():
+    assert available_recipes() == ["sd15", "sd21", "sd21-base", "tiny"]
+    for name in available_recipes():
+        assert load_recipe(name).name == name
+
+
+def test_recipe_values_follow_the_original_configs():
+    sd15, sd21, base = load_recipe("sd15"), load_recipe("sd21"), load_recipe("sd21-base")
+    assert sd15.family is Family.SD1 and sd15.text_encoder.padding is TokenizerPadding.END_TOKEN
+    assert base.family is Family.SD2 and base.parameterization is Parameterization.EPS
+    assert sd21.parameterization is Parameterization.V and sd21.default_height == 768
+    assert sd21.text_encoder.padding is TokenizerPadding.ZERO
+    assert sd15.unet.num_heads == 8 and base.unet.num_head_channels == 64
+    assert sd15.schedule.linear_start == 0.00085 and sd15.latent_scale_factor == 0.18215
+
+
+def test_round_trip_through_dict():
+    recipe = load_recipe("sd21")
+    assert recipe_from_dict(recipe.to_dict()) == recipe
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "custom.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _tiny_text(**replace):
+    text = (RECIPES_DIR / "tiny.toml").read_text()
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    return text
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = _write(tmp_path, _tiny_text(**{"num_res_blocks = 1\nchannel_mult": "num_res_blocks = 1\nchanel_mult = [1]\nchannel_mult"}))
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert "custom.toml" in message and "unet.chanel_mult" in message and "channel_mult" in message
+
+
+def test_wrong_type_names_expected_type(tmp_path):
+    path = _write(tmp_path, _tiny_text(**{"model_channels = 32": 'model_channels = "32"'}))
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert "unet.model_channels" in str(err.value) and "int" in str(err.value)
+
+
+def test_bad_enum_value_lists_choices(tmp_path):
+    path = _write(tmp_path, _tiny_text(**{'parameterization = "eps"': 'parameterization = "x0"'}))
+    with pytest.raises(UserError, match="'eps' \\| 'v'"):
+        load_recipe(path)
+
+
+def test_shape_ranges_are_checked(tmp_path):
+    path = _write(tmp_path, _tiny_text(**{"height = { min = 32, opt = 64, max = 128 }": "height = { min = 64, opt = 32, max = 128 }"}))
+    with pytest.raises(UserError, match="min <= opt <= max"):
+        load_recipe(path)
+
+
+def test_unknown_recipe_name_lists_available():
+    with pytest.raises(UserError) as err:
+        load_recipe("sd99")
+    assert "sd15" in str(err.value) and "sd99" in str(err.value)
+
+
+def test_size_multiple():
+    assert load_recipe("sd15").size_multiple == 64
+    assert load_recipe("tiny").size_multiple == 16
+    assert dataclasses.is_dataclass(load_recipe("tiny"))
