@@ -1,0 +1,199 @@
+"""Text encoders: checkpoint keys at real size, attention implementations agree, parity with
+transformers' CLIPTextModel (SD1) and open_clip's text tower (SD2) at tiny size with shared weights."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from reference_keys import reference_shapes
+
+from sdcompile.models.attention import AttentionImpl
+from sdcompile.models.text_encoder import CLIPTextEncoder, OpenCLIPTextEncoder, build_text_encoder
+from sdcompile.recipes import TextActivation, TextEncoderConfig, TextEncoderKind, TextOutputLayer, TokenizerPadding
+from sdcompile.recipes import load_recipe
+
+# SDPA vs EXPLICIT: relative L2 error of the output, computed in float64 so that it measures the
+# implementations and not fp32 rounding.
+IMPL_AGREEMENT_REL_L2 = 1e-6
+PARITY_REL_L2 = 1e-5  # ours vs an independent implementation, fp32, relative L2 error of the output
+BATCH = 2
+
+TINY_OPENCLIP = TextEncoderConfig(kind=TextEncoderKind.OPENCLIP, width=32, heads=2, layers=3,
+                                  activation=TextActivation.GELU, output_layer=TextOutputLayer.PENULTIMATE,
+                                  padding=TokenizerPadding.ZERO)
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected)).item()
+
+
+def key_mismatch_report(actual: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str:
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    misshaped = sorted(f"{k}: ours {actual[k]} vs reference {expected[k]}"
+                       for k in set(actual) & set(expected) if actual[k] != expected[k])
+    lines = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            lines += [f"{title} ({len(items)}):"] + [f"  {item}" for item in items]
+    return "\n".join(lines)
+
+
+def perturbed_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Adds seeded noise to every parameter so that norm scales and biases differ from their defaults."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return module.eval()
+
+
+def tiny_clip_config(output_layer: TextOutputLayer = TextOutputLayer.LAST) -> TextEncoderConfig:
+    return dataclasses.replace(load_recipe("tiny").text_encoder, output_layer=output_layer)
+
+
+def tiny_openclip_config(output_layer: TextOutputLayer = TextOutputLayer.PENULTIMATE) -> TextEncoderConfig:
+    return dataclasses.replace(TINY_OPENCLIP, output_layer=output_layer)
+
+
+def tiny_encoder(config: TextEncoderConfig, impl: AttentionImpl = AttentionImpl.SDPA,
+                 dtype: torch.dtype = torch.float32) -> CLIPTextEncoder | OpenCLIPTextEncoder:
+    torch.manual_seed(0)
+    return perturbed_(build_text_encoder(config, attention=impl), seed=1).to(dtype)
+
+
+def token_ids(config: TextEncoderConfig, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, config.vocab_size, (BATCH, config.context_length), generator=generator, dtype=dtype)
+
+
+def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("recipe", "section"), [("sd15", "sd1_text"), ("sd21", "sd2_text")])
+def test_state_dict_matches_checkpoint_keys_and_shapes(recipe, section):
+    with torch.device("meta"):
+        model = build_text_encoder(load_recipe(recipe).text_encoder)
+    report = key_mismatch_report(shapes_of(model), reference_shapes(section))
+    assert not report, f"{recipe} text encoder keys differ from the checkpoint:\n" + report
+
+
+def test_clip_position_ids_are_a_stored_int64_buffer():
+    model = build_text_encoder(tiny_clip_config())
+    position_ids = model.state_dict()["transformer.text_model.embeddings.position_ids"]
+    assert position_ids.dtype == torch.int64
+    assert torch.equal(position_ids, torch.arange(77)[None])
+
+
+def test_build_picks_the_class_from_the_kind():
+    assert isinstance(build_text_encoder(tiny_clip_config()), CLIPTextEncoder)
+    assert isinstance(build_text_encoder(tiny_openclip_config()), OpenCLIPTextEncoder)
+
+
+@pytest.mark.parametrize("config", [tiny_clip_config(), tiny_openclip_config()], ids=["clip", "openclip"])
+def test_output_shape_dtype_and_int32_input(config):
+    model = tiny_encoder(config)
+    with torch.no_grad():
+        out64 = model(token_ids(config, torch.int64))
+        out32 = model(token_ids(config, torch.int32))
+    assert out64.shape == (BATCH, config.context_length, config.width)
+    assert out64.dtype == torch.float32
+    assert torch.equal(out32, out64)
+
+
+@pytest.mark.parametrize("config", [tiny_clip_config(), tiny_openclip_config()], ids=["clip", "openclip"])
+def test_attention_is_causal(config):
+    model = tiny_encoder(config)
+    ids = token_ids(config)
+    changed = ids.clone()
+    changed[:, 40:] = (changed[:, 40:] + 1) % config.vocab_size
+    with torch.no_grad():
+        before, after = model(ids), model(changed)
+    assert torch.equal(before[:, :40], after[:, :40])
+    assert not torch.allclose(before[:, 40:], after[:, 40:])
+
+
+@pytest.mark.parametrize("config", [tiny_clip_config(), tiny_openclip_config()], ids=["clip", "openclip"])
+def test_sdpa_and_explicit_attention_agree(config):
+    sdpa, explicit = (tiny_encoder(config, impl, torch.float64) for impl in AttentionImpl)
+    ids = token_ids(config)
+    with torch.no_grad():
+        error = rel_l2(explicit(ids), sdpa(ids))
+    assert error <= IMPL_AGREEMENT_REL_L2, f"rel L2 {error:.2e} > {IMPL_AGREEMENT_REL_L2:.0e}"
+
+
+# --- parity with transformers' CLIPTextModel (SD1) ----------------------------------------------------
+
+
+def hf_clip_text_model(config: TextEncoderConfig, ours: CLIPTextEncoder):
+    """transformers' CLIPTextModel of the same size, holding our weights."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.CLIPTextConfig(
+        vocab_size=config.vocab_size, hidden_size=config.width, intermediate_size=4 * config.width,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads,
+        max_position_embeddings=config.context_length, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        attn_implementation="eager")
+    hf_model = transformers.CLIPTextModel(hf_config).eval()
+    # transformers >= 5.6 dropped the `text_model.` wrapper from CLIPTextModel's parameter names.
+    wrapper = "text_model." if any(k.startswith("text_model.") for k in hf_model.state_dict()) else ""
+    weights = {wrapper + k.removeprefix("transformer.text_model."): v for k, v in ours.state_dict().items()
+               if not k.endswith("position_ids")}  # a non-persistent buffer in transformers
+    hf_model.load_state_dict(weights, strict=True)
+    return hf_model
+
+
+def hf_final_layer_norm(hf_model) -> torch.nn.LayerNorm:
+    return hf_model.text_model.final_layer_norm if hasattr(hf_model, "text_model") else hf_model.final_layer_norm
+
+
+@pytest.mark.parametrize("output_layer", list(TextOutputLayer), ids=lambda o: o.value)
+def test_clip_matches_transformers_clip_text_model(output_layer):
+    config = tiny_clip_config(output_layer)
+    ours = tiny_encoder(config)
+    hf_model = hf_clip_text_model(config, ours)
+    ids = token_ids(config)
+    with torch.no_grad():
+        outputs = hf_model(input_ids=ids, output_hidden_states=True)
+        expected = (outputs.last_hidden_state if output_layer is TextOutputLayer.LAST
+                    else hf_final_layer_norm(hf_model)(outputs.hidden_states[-2]))
+        error = rel_l2(ours(ids), expected)
+    assert error <= PARITY_REL_L2, f"rel L2 {error:.2e} > {PARITY_REL_L2:.0e}"
+
+
+# --- parity with open_clip's text tower (SD2) -----------------------------------------------------------
+
+
+def open_clip_text_tower(config: TextEncoderConfig, ours: OpenCLIPTextEncoder):
+    """open_clip's TextTransformer of the same size (exact GELU), holding our weights."""
+    open_clip = pytest.importorskip("open_clip")
+    text_cfg = open_clip.model.CLIPTextCfg(context_length=config.context_length, vocab_size=config.vocab_size,
+                                           width=config.width, heads=config.heads, layers=config.layers)
+    tower = open_clip.model._build_text_tower(embed_dim=config.width, text_cfg=text_cfg, quick_gelu=False).eval()
+    weights = {k.removeprefix("model."): v for k, v in ours.state_dict().items() if k != "model.logit_scale"}
+    tower.load_state_dict(weights, strict=True)
+    return tower
+
+
+def open_clip_hidden_states(tower, ids: torch.Tensor, blocks: int) -> torch.Tensor:
+    """What SD2's FrozenOpenCLIPEmbedder computes: embeddings, the first `blocks` resblocks, ln_final."""
+    x = tower.token_embedding(ids) + tower.positional_embedding  # (B, S, width)
+    batch_first = getattr(tower.transformer, "batch_first", False)
+    x = x if batch_first else x.transpose(0, 1)
+    for block in tower.transformer.resblocks[:blocks]:
+        x = block(x, attn_mask=tower.attn_mask)
+    x = x if batch_first else x.transpose(0, 1)
+    return tower.ln_final(x)
+
+
+@pytest.mark.parametrize("output_layer", list(TextOutputLayer), ids=lambda o: o.value)
+def test_openclip_matches_open_clip_text_tower(output_layer):
+    config = tiny_openclip_config(output_layer)
+    ours = tiny_encoder(config)
+    tower = open_clip_text_tower(config, ours)
+    blocks = config.layers - 1 if output_layer is TextOutputLayer.PENULTIMATE else config.layers
+    ids = token_ids(config)
+    with torch.no_grad():
+        error = rel_l2(ours(ids), open_clip_hidden_states(tower, ids, blocks))
+    assert error <= PARITY_REL_L2, f"rel L2 {error:.2e} > {PARITY_REL_L2:.0e}"
