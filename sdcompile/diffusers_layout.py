@@ -1,0 +1,266 @@
+"""Diffusers-folder key layout -> our (ldm) key layout, per component.
+
+A diffusers pipeline folder stores each component's state_dict under diffusers' (UNet, VAE) or
+transformers' (text encoder) parameter names. The computations are the same as ldm's, so converting is
+a rename, plus two reshapes: the VAE attention's linear q/k/v/out weights (C, C) become 1×1 convolution
+weights (C, C, 1, 1), and the SD2 text encoder's separate q/k/v projections are stacked into open_clip's
+`in_proj_weight` (3·width, width). Block indices are derived from the recipe's configs, so every
+recipe (the tiny one included) converts, not only SD's sizes.
+
+Keys the rename does not recognise pass through unchanged, so that strict loading reports them.
+
+SD2 folders store a 23-layer `CLIPTextModel` (the 24th OpenCLIP block is never run: SD2 reads the
+penultimate layer) and no `text_projection` / `logit_scale`. `unused_openclip_fill` supplies those
+keys, so strict loading accepts exactly them as missing.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from sdcompile.recipes import AutoencoderConfig, TextEncoderConfig, TextEncoderKind, TextOutputLayer, UNetConfig
+
+StateDict = dict[str, torch.Tensor]
+
+# diffusers ResnetBlock2D leaf -> ldm ResBlock leaf (UNet).
+UNET_RESNET_LEAVES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+# diffusers Attention leaf (current names, then pre-0.14 names) -> ldm AttnBlock leaf (VAE).
+VAE_ATTENTION_LEAVES = {
+    "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+    "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+}
+VAE_ATTENTION_CONV_LEAVES = ("q", "k", "v", "proj_out")
+# transformers CLIPEncoderLayer leaf -> open_clip ResidualAttentionBlock leaf.
+OPENCLIP_LAYER_LEAVES = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+OPENCLIP_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature (Radford et al. 2021, §2.5)
+_HF_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+_HF_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+
+
+# --- generic --------------------------------------------------------------------------------------------
+
+
+def rename_by_prefix(state: Mapping[str, torch.Tensor], table: Mapping[str, str]) -> StateDict:
+    """Rename each key by its longest dotted prefix found in `table`; keys without one are kept."""
+    return {_renamed(key, table): value for key, value in state.items()}
+
+
+def _renamed(key: str, table: Mapping[str, str]) -> str:
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in table:
+            return ".".join([table[prefix], *parts[cut:]])
+    return key
+
+
+# --- UNet -----------------------------------------------------------------------------------------------
+
+
+def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig) -> StateDict:
+    """`UNet2DConditionModel` state_dict -> ldm `UNetModel` keys (without `model.diffusion_model.`)."""
+    return rename_by_prefix(state, unet_prefix_table(config))
+
+
+def unet_prefix_table(config: UNetConfig) -> dict[str, str]:
+    """diffusers module path -> ldm module path, for every UNet module whose name differs."""
+    table = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+        "mid_block.attentions.0": "middle_block.1",
+    }
+    table |= _unet_resnet("mid_block.resnets.0", "middle_block.0")
+    table |= _unet_resnet("mid_block.resnets.1", "middle_block.2")
+    return table | _unet_down_table(config) | _unet_up_table(config)
+
+
+def has_attention(config: UNetConfig, level: int) -> bool:
+    """ldm puts a SpatialTransformer at level `level` when its downsampling factor 2^level is listed."""
+    return 2 ** level in config.attention_resolutions
+
+
+def _unet_resnet(diffusers_prefix: str, ldm_prefix: str) -> dict[str, str]:
+    return {f"{diffusers_prefix}.{d}": f"{ldm_prefix}.{l}" for d, l in UNET_RESNET_LEAVES.items()}
+
+
+def _unet_down_table(config: UNetConfig) -> dict[str, str]:
+    """input_blocks: 0 is conv_in; per level `num_res_blocks` × [res (+ attention)], then a downsampler."""
+    table: dict[str, str] = {}
+    index = 0
+    levels = len(config.channel_mult)
+    for level in range(levels):
+        for j in range(config.num_res_blocks):
+            index += 1
+            table |= _unet_resnet(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{index}.0")
+            table[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{index}.1"
+        if level < levels - 1:
+            index += 1
+            table[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
+    return table
+
+
+def _unet_up_table(config: UNetConfig) -> dict[str, str]:
+    """output_blocks: levels reversed, `num_res_blocks + 1` blocks each; the last one of every level
+    but the top also upsamples, its Upsample following the attention when there is one."""
+    table: dict[str, str] = {}
+    index = 0
+    for up, level in enumerate(reversed(range(len(config.channel_mult)))):
+        attention = has_attention(config, level)
+        for j in range(config.num_res_blocks + 1):
+            table |= _unet_resnet(f"up_blocks.{up}.resnets.{j}", f"output_blocks.{index}.0")
+            table[f"up_blocks.{up}.attentions.{j}"] = f"output_blocks.{index}.1"
+            if j == config.num_res_blocks and level > 0:
+                table[f"up_blocks.{up}.upsamplers.0.conv"] = f"output_blocks.{index}.{2 if attention else 1}.conv"
+            index += 1
+    return table
+
+
+# --- VAE ------------------------------------------------------------------------------------------------
+
+
+def vae_from_diffusers(state: Mapping[str, torch.Tensor], config: AutoencoderConfig) -> StateDict:
+    """diffusers `AutoencoderKL` state_dict -> ldm `AutoencoderKL` keys (without `first_stage_model.`)."""
+    renamed = rename_by_prefix(state, vae_prefix_table(config))
+    return {key: _as_attention_conv(key, value) for key, value in renamed.items()}
+
+
+def vae_prefix_table(config: AutoencoderConfig) -> dict[str, str]:
+    """diffusers module path -> ldm module path, for every VAE module whose name differs."""
+    levels = len(config.ch_mult)
+    table: dict[str, str] = {}
+    for side in ("encoder", "decoder"):
+        table[f"{side}.conv_norm_out"] = f"{side}.norm_out"
+        table |= _vae_resnet(f"{side}.mid_block.resnets.0", f"{side}.mid.block_1")
+        table |= _vae_resnet(f"{side}.mid_block.resnets.1", f"{side}.mid.block_2")
+        for d, l in VAE_ATTENTION_LEAVES.items():
+            table[f"{side}.mid_block.attentions.0.{d}"] = f"{side}.mid.attn_1.{l}"
+    for i in range(levels):
+        for j in range(config.num_res_blocks):
+            table |= _vae_resnet(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}")
+        table[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+    for up in range(levels):  # ldm stores the decoder levels full-resolution first: up.0 runs last
+        i = levels - 1 - up
+        for j in range(config.num_res_blocks + 1):
+            table |= _vae_resnet(f"decoder.up_blocks.{up}.resnets.{j}", f"decoder.up.{i}.block.{j}")
+        table[f"decoder.up_blocks.{up}.upsamplers.0.conv"] = f"decoder.up.{i}.upsample.conv"
+    return table
+
+
+def _vae_resnet(diffusers_prefix: str, ldm_prefix: str) -> dict[str, str]:
+    return {diffusers_prefix: ldm_prefix, f"{diffusers_prefix}.conv_shortcut": f"{ldm_prefix}.nin_shortcut"}
+
+
+def _as_attention_conv(key: str, value: torch.Tensor) -> torch.Tensor:
+    """Linear (C_out, C_in) -> 1×1 conv (C_out, C_in, 1, 1) for the VAE attention projections."""
+    parts = key.split(".")
+    is_projection = len(parts) >= 3 and parts[-3] == "attn_1" and parts[-2] in VAE_ATTENTION_CONV_LEAVES
+    if is_projection and parts[-1] == "weight" and value.ndim == 2:
+        return value[:, :, None, None]
+    return value
+
+
+# --- text encoders --------------------------------------------------------------------------------------
+
+
+def text_from_hf(state: Mapping[str, torch.Tensor], config: TextEncoderConfig) -> StateDict:
+    """transformers `CLIPTextModel` state_dict -> the layout of the recipe's text encoder."""
+    if config.kind is TextEncoderKind.CLIP:
+        return clip_text_from_hf(state)
+    return openclip_text_from_hf(state)
+
+
+def hf_text_keys_flattened(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Drop transformers' `text_model.` wrapper (present before transformers 5, absent after)."""
+    return {key.removeprefix("text_model."): value for key, value in state.items()}
+
+
+def clip_text_from_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """transformers `CLIPTextModel` state_dict (either layout) -> SD1 keys `transformer.text_model.…`."""
+    return {f"transformer.text_model.{key}": value for key, value in hf_text_keys_flattened(state).items()}
+
+
+def openclip_text_from_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """transformers `CLIPTextModel` state_dict (either layout) -> open_clip keys `model.…` (SD2).
+
+    `embeddings.position_ids` (a constant arange buffer) has no open_clip counterpart and is dropped.
+    """
+    flat = hf_text_keys_flattened(state)
+    flat.pop("embeddings.position_ids", None)
+    qkv = {key: value for key, value in flat.items() if _HF_QKV.fullmatch(key)}
+    out = {_openclip_key(key): value for key, value in flat.items() if key not in qkv}
+    return out | _stacked_in_projections(qkv)
+
+
+def _openclip_key(hf_key: str) -> str:
+    fixed = {
+        "embeddings.token_embedding.weight": "model.token_embedding.weight",
+        "embeddings.position_embedding.weight": "model.positional_embedding",
+        "final_layer_norm.weight": "model.ln_final.weight",
+        "final_layer_norm.bias": "model.ln_final.bias",
+    }
+    if hf_key in fixed:
+        return fixed[hf_key]
+    layer = _HF_LAYER.fullmatch(hf_key)
+    if layer is None:
+        return hf_key
+    leaf = _renamed(layer.group(2), OPENCLIP_LAYER_LEAVES)
+    return f"model.transformer.resblocks.{layer.group(1)}.{leaf}"
+
+
+def _stacked_in_projections(qkv: Mapping[str, torch.Tensor]) -> StateDict:
+    """Per layer, q/k/v projections -> `attn.in_proj_{weight,bias}` stacked [q; k; v] along dim 0.
+
+    A layer missing one of the three keeps its keys under their original names.
+    """
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for key in qkv:
+        layer, letter, kind = _HF_QKV.fullmatch(key).groups()
+        groups.setdefault((layer, kind), {})[letter] = key
+    out: StateDict = {}
+    for (layer, kind), keys in groups.items():
+        if set(keys) == {"q", "k", "v"}:
+            stacked = torch.cat([qkv[keys[letter]] for letter in "qkv"], dim=0)
+            out[f"model.transformer.resblocks.{layer}.attn.in_proj_{kind}"] = stacked
+        else:
+            out |= {key: qkv[key] for key in keys.values()}
+    return out
+
+
+def is_unused_openclip_key(key: str, config: TextEncoderConfig) -> bool:
+    """Keys of the OpenCLIP text encoder (our `model.…` layout) that never affect its output."""
+    if key in ("model.text_projection", "model.logit_scale"):
+        return True
+    last_block = f"model.transformer.resblocks.{config.layers - 1}."
+    return config.output_layer is TextOutputLayer.PENULTIMATE and key.startswith(last_block)
+
+
+def unused_openclip_fill(expected: Mapping[str, torch.Size], present: Iterable[str],
+                         config: TextEncoderConfig) -> StateDict:
+    """Values for the unused OpenCLIP keys that `present` lacks: zeros (a zero pre-LN residual block is
+    the identity), and CLIP's initial `logit_scale`."""
+    have = set(present)
+    fill: StateDict = {}
+    for key, shape in expected.items():
+        if key not in have and is_unused_openclip_key(key, config):
+            value = OPENCLIP_LOGIT_SCALE if key == "model.logit_scale" else 0.0
+            fill[key] = torch.full(shape, value)
+    return fill
