@@ -10,6 +10,7 @@ import click
 
 from sdcompile import __version__
 from sdcompile.options import DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
+from sdcompile.cli_trt import register as register_trt
 from sdrun.errors import UserError, run_cli
 
 
@@ -68,6 +69,9 @@ def export_command(recipe, checkpoint, random_weights, seed, components, out, pr
                           verify=not no_verify, force=force)
     manifest = export_bundle(config, log=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {out} ({', '.join(manifest.components)})")
+
+
+register_trt(cli)
 
 
 def main(args=None) -> None:

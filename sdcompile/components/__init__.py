@@ -6,6 +6,7 @@ from typing import Callable
 from sdcompile.components.spec import ComponentSpec
 from sdcompile.components.text_encoder import text_encoder_spec
 from sdcompile.components.unet import unet_spec
+from sdcompile.components.unet_step import unet_step_spec
 from sdcompile.components.vae_decoder import vae_decoder_spec
 from sdcompile.components.vae_encoder import vae_encoder_spec
 from sdcompile.recipes import Recipe
@@ -14,6 +15,7 @@ from sdrun.errors import UserError
 COMPONENTS: dict[str, Callable[[Recipe], ComponentSpec]] = {
     "text_encoder": text_encoder_spec,
     "unet": unet_spec,
+    "unet_step": unet_step_spec,
     "vae_decoder": vae_decoder_spec,
     "vae_encoder": vae_encoder_spec,
 }

@@ -16,6 +16,7 @@ class ComponentSpec:
 
     `wrap(models, recipe)` returns the torch module whose forward takes the inputs in order;
     `sample(recipe, binding, generator)` returns realistic sample inputs, keyed by input name.
+    A derived component is not traced: `derive` rewrites the graph of `derived_from`.
     """
 
     name: str
@@ -24,6 +25,8 @@ class ComponentSpec:
     wrap: Callable[..., torch.nn.Module]
     sample: Callable[[Recipe, ShapeBinding, torch.Generator], dict[str, torch.Tensor]]
     description: str = ""
+    derived_from: str | None = None
+    derive: Callable | None = None
 
 
 def profile_bindings(recipe: Recipe) -> dict[str, ShapeBinding]:
@@ -46,11 +49,20 @@ def input_profile(spec: ComponentSpec, recipe: Recipe) -> dict[str, dict[str, li
             for t in spec.inputs}
 
 
-def opt_binding(recipe: Recipe, batch: int | None = None, guidance: bool = True) -> ShapeBinding:
-    """The binding at the recipe's optimal size; `None` batch means the recipe's opt batch."""
-    batch = recipe.shapes.batch.opt if batch is None else batch
-    return ShapeBinding(batch, 2 * batch if guidance else batch, recipe.shapes.height.opt,
-                        recipe.shapes.width.opt, recipe.vae_scale)
+def trace_binding(recipe: Recipe) -> ShapeBinding:
+    """Sample shapes for tracing: the recipe's opt size at batch 2.
+
+    torch.export specialises any dim whose example size is 1, so every dynamic dim is traced ≥ 2.
+    """
+    batch = max(2, recipe.shapes.batch.opt)
+    return ShapeBinding(batch, 2 * batch, recipe.shapes.height.opt, recipe.shapes.width.opt, recipe.vae_scale)
+
+
+def dim_multiples(recipe: Recipe) -> dict[str, int]:
+    """What each spatial symbol must be a multiple of for every UNet level to line up."""
+    latent = recipe.size_multiple // recipe.vae_scale
+    return {"latent_height": latent, "latent_width": latent,
+            "image_height": recipe.size_multiple, "image_width": recipe.size_multiple}
 
 
 def random_tensor(spec: TensorSpec, binding: ShapeBinding, generator: torch.Generator) -> torch.Tensor:

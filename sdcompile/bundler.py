@@ -1,0 +1,257 @@
+"""`sdcompile export`: models -> verified, optimized ONNX graphs in a bundle directory.
+
+The new bundle is assembled in a staging directory beside the output and swapped in only when
+every component has been exported, optimized and verified, so an interrupted export leaves the
+previous bundle intact and no half-written files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from sdcompile.components import component_spec, selected_components
+from sdcompile.components.spec import dim_multiples, input_profile, trace_binding
+from sdcompile.export import name_io_dims, onnx_from_module, save_model
+from sdcompile.options import DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
+from sdcompile.passes import default_passes, optimize_model
+from sdcompile.recipes import Recipe, TokenizerPadding
+from sdcompile.verify import check_output
+from sdcompile.weights import RandomWeights, load_models
+from sdrun.bundle import (MANIFEST_NAME, ComponentRecord, Manifest, read_manifest, sha256_file,
+                          write_json_atomic)
+from sdrun.errors import UserError
+
+TOKENIZER_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
+END_OF_TEXT_ID = 49407
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    recipe: Recipe
+    source: Path | RandomWeights
+    out: Path
+    components: tuple[str, ...] = ("all",)
+    precision: Precision = Precision.FP32
+    opset: int = DEFAULT_OPSET
+    attention: AttentionImpl = AttentionImpl.SDPA
+    attention_target: AttentionTarget = AttentionTarget.ONNX
+    verify: bool = True
+    force: bool = False
+    seed: int = 0  # seeds the sample inputs used for tracing and verification
+
+
+def export_bundle(config: ExportConfig, log=print) -> Manifest:
+    """Export the selected components of `config.recipe` into the bundle at `config.out`."""
+    names = _with_bases(selected_components(config.components), config.recipe)
+    out = Path(config.out)
+    previous = _previous_bundle(out, config.force)
+    _check_writable(out.parent)
+    log(f"loading {config.recipe.name} weights ({_describe_source(config.source)})")
+    models = load_models(config.recipe, config.source, attention=config.attention)
+    weights_hash = models_sha256(models)
+    source = _source_record(config.source)
+    if previous and not config.force:
+        _check_same_origin(previous, config.recipe, weights_hash, out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        records = _kept_components(previous, out, staging, names) if previous and not config.force else {}
+        for name in names:
+            records[name] = _export_component(name, models, config, staging, records, log)
+        manifest = Manifest(recipe=config.recipe.to_dict(), source=source, weights_sha256=weights_hash,
+                            tokenizer=_copy_tokenizer(config.recipe, staging), components=records,
+                            tools=tool_versions())
+        write_json_atomic(staging / MANIFEST_NAME, manifest.to_dict())
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _export_component(name: str, models, config: ExportConfig, staging: Path, records: dict,
+                      log) -> ComponentRecord:
+    spec = component_spec(name, config.recipe)
+    module = spec.wrap(models, config.recipe).eval()
+    inputs = spec.sample(config.recipe, trace_binding(config.recipe), torch.Generator().manual_seed(config.seed))
+    started = time.perf_counter()
+    if spec.derived_from:
+        log(f"[{name}] deriving from {spec.derived_from}")
+        model = spec.derive(onnx.load(str(staging / spec.derived_from / "model.onnx")))
+        name_io_dims(model, spec.inputs, spec.outputs)
+        passes, pass_report = [*records[spec.derived_from].passes, "step-fusion"], {}
+    else:
+        log(f"[{name}] exporting (opset {config.opset})")
+        model = onnx_from_module(module, inputs, spec.inputs, spec.outputs, dim_multiples(config.recipe),
+                                 config.opset)
+        passes = default_passes(config.precision)
+        log(f"[{name}] passes: {', '.join(passes)}")
+        model, pass_report = optimize_model(model, passes, attention_target=config.attention_target)
+    report = {"export_seconds": round(time.perf_counter() - started, 2), "passes": pass_report}
+    directory = staging / name
+    directory.mkdir()
+    written = save_model(model, directory / "model.onnx")
+    del model
+    if config.verify:
+        report["verification"] = _verify(name, module, inputs, written[0], config.precision, log)
+    return ComponentRecord(
+        name=name, graph=f"{name}/model.onnx",
+        files={f"{name}/{p.name}": sha256_file(p) for p in written},
+        inputs=spec.inputs, outputs=spec.outputs, profile=input_profile(spec, config.recipe),
+        precision=config.precision.value, passes=tuple(passes), report=report)
+
+
+def _with_bases(names: list[str], recipe: Recipe) -> list[str]:
+    """Derived components need their base exported first (registry order puts it first)."""
+    bases = {component_spec(n, recipe).derived_from for n in names} - {None}
+    return selected_components([*names, *bases])
+
+
+def _verify(name: str, module: torch.nn.Module, inputs: dict, graph: Path, precision: Precision, log) -> list[dict]:
+    """Run the graph on ONNX Runtime CPU and gate every output against eager PyTorch."""
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        reference = module(*inputs.values())
+    references = reference if isinstance(reference, tuple) else (reference,)
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    outputs = session.run(None, feeds)
+    results = []
+    for value, expected, actual in zip(session.get_outputs(), references, outputs):
+        gate = check_output(value.name, expected.numpy(), actual, precision)
+        log(f"[{name}] verify {gate.describe()}")
+        if not gate.passed:
+            raise UserError(f"{name}: the exported graph does not reproduce eager PyTorch.",
+                            expected=f"{gate.statistic} within {gate.threshold:g}",
+                            got=f"{gate.statistic} = {gate.value:.6g} ({gate.metrics})",
+                            fix="export in fp32, or keep more nodes in fp32 (fp16 islands)"
+                            if precision is Precision.FP16 else "report this graph; export with --no-verify to inspect it")
+        results.append(dataclasses.asdict(gate))
+    return results
+
+
+def models_sha256(models) -> str:
+    """Content hash of every weight (name, dtype, shape, bytes) of the three models."""
+    digest = hashlib.sha256()
+    for part in ("unet", "vae", "text_encoder"):
+        for key, tensor in sorted(getattr(models, part).state_dict().items()):
+            tensor = tensor.detach().contiguous().cpu()
+            digest.update(f"{part}.{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    import sdcompile
+
+    return {"sdcompile": sdcompile.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def _copy_tokenizer(recipe: Recipe, staging: Path) -> dict:
+    import open_clip
+
+    source = Path(open_clip.__file__).parent / TOKENIZER_VOCAB
+    target = staging / "tokenizer" / TOKENIZER_VOCAB
+    target.parent.mkdir()
+    shutil.copyfile(source, target)
+    pad_id = END_OF_TEXT_ID if recipe.text_encoder.padding is TokenizerPadding.END_TOKEN else 0
+    return {"vocab": f"tokenizer/{TOKENIZER_VOCAB}", "sha256": sha256_file(target), "pad_id": pad_id,
+            "context_length": recipe.text_encoder.context_length}
+
+
+def _previous_bundle(out: Path, force: bool) -> Manifest | None:
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory.", fix="choose another --out path")
+    if (out / MANIFEST_NAME).is_file():
+        try:
+            return read_manifest(out)
+        except UserError:
+            if force:
+                return None
+            raise
+    if any(out.iterdir()) and not force:
+        raise UserError(f"output directory {out} is not empty and is not a bundle.",
+                        fix="choose an empty or new directory, or pass --force to replace it")
+    return None
+
+
+def _check_same_origin(previous: Manifest, recipe: Recipe, weights_hash: str, out: Path) -> None:
+    """Refuse to mix components made from another recipe or other weights into one bundle."""
+    if previous.recipe != recipe.to_dict():
+        raise UserError(f"bundle {out} was made from recipe {previous.recipe.get('name')!r}, not {recipe.name!r}.",
+                        fix="export into a new directory, or pass --force to replace the bundle")
+    if previous.weights_sha256 != weights_hash:
+        raise UserError(f"bundle {out} was made from other weights ({_describe_source_record(previous.source)}).",
+                        expected=f"weights sha256 {previous.weights_sha256[:16]}…",
+                        got=f"weights sha256 {weights_hash[:16]}…",
+                        fix="export into a new directory, or pass --force to replace the bundle")
+
+
+def _kept_components(previous: Manifest, out: Path, staging: Path, replaced: list[str]) -> dict:
+    """Hard-link (or copy) the components that this export does not replace."""
+    kept = {}
+    for name, record in previous.components.items():
+        if name in replaced:
+            continue
+        for relative in {**record.files, **{e["file"]: None for e in record.engines.values() if "file" in e}}:
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(out / relative, target)
+        kept[name] = record
+    return kept
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, retired / out.name)
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output location {directory}: {err.strerror}.",
+                        fix="choose a writable --out path") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserError(f"output location {directory} is not writable.", fix="choose a writable --out path")
+
+
+def _source_record(source: Path | RandomWeights) -> dict:
+    if isinstance(source, RandomWeights):
+        return {"kind": "random", "seed": source.seed}
+    return {"kind": "checkpoint", "path": str(Path(source).resolve())}
+
+
+def _describe_source(source: Path | RandomWeights) -> str:
+    return _describe_source_record(_source_record(source))
+
+
+def _describe_source_record(record: dict) -> str:
+    return f"random weights, seed {record['seed']}" if record["kind"] == "random" else record["path"]
