@@ -26,7 +26,8 @@ MANIFEST_NAME = "manifest.json"
 
 # Symbolic dims. Batch counts prompts; `cfg_batch` is the UNet/text-encoder batch, 2·batch with
 # classifier-free guidance and batch without it. Heights and widths in pixels or latent cells.
-SYMBOLS = ("batch", "cfg_batch", "latent_height", "latent_width", "image_height", "image_width")
+# `guided_batch` is always 2·batch (the step-fused UNet guides every step).
+SYMBOLS = ("batch", "cfg_batch", "guided_batch", "latent_height", "latent_width", "image_height", "image_width")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class ShapeBinding:
     vae_scale: int
 
     def value(self, symbol: str) -> int:
-        values = {"batch": self.batch, "cfg_batch": self.cfg_batch,
+        values = {"batch": self.batch, "cfg_batch": self.cfg_batch, "guided_batch": 2 * self.batch,
                   "image_height": self.image_height, "image_width": self.image_width,
                   "latent_height": self.image_height // self.vae_scale,
                   "latent_width": self.image_width // self.vae_scale}
@@ -63,6 +64,19 @@ class ShapeBinding:
 
 def resolve_shape(dims: tuple[int | str, ...], binding: ShapeBinding) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else binding.value(d) for d in dims)
+
+
+def binding_from_feeds(record: "ComponentRecord", feeds: dict, vae_scale: int) -> ShapeBinding:
+    """Recover the symbol values from actual input shapes (every dim is named in the manifest)."""
+    values: dict[str, int] = {}
+    for spec in record.inputs:
+        for dim, size in zip(spec.dims, feeds[spec.name].shape):
+            if isinstance(dim, str):
+                values[dim] = int(size)
+    height = values.get("image_height", values.get("latent_height", 0) * vae_scale)
+    width = values.get("image_width", values.get("latent_width", 0) * vae_scale)
+    batch = values.get("batch", values.get("cfg_batch", 0))
+    return ShapeBinding(batch, values.get("cfg_batch", batch), height, width, vae_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +121,11 @@ class Manifest:
     tools: dict  # package -> version
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell: 2^(number of VAE levels − 1)."""
+        return 2 ** (len(self.recipe["vae"]["ch_mult"]) - 1)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

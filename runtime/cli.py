@@ -1,10 +1,15 @@
 """`sdrun`: generate images from a compiled bundle (no torch needed)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
 
 from sdrun import __version__
-from sdrun.errors import run_cli
+from sdrun.errors import UserError, run_cli
+
+BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,6 +21,69 @@ def cli() -> None:
     Example:
       sdrun txt2img --bundle bundle/ --prompt "a lighthouse at dawn" --out out.png
     """
+
+
+def generation_options(command):
+    options = [
+        click.option("--bundle", type=click.Path(path_type=Path), required=True, help="bundle directory"),
+        click.option("--prompt", required=True),
+        click.option("--negative-prompt", default="", show_default=True),
+        click.option("--steps", type=int, help="DDIM steps [default: the recipe's]"),
+        click.option("--guidance", type=float, help="classifier-free guidance scale [default: the recipe's]"),
+        click.option("--seed", type=int, default=0, show_default=True, help="seeds numpy.random.default_rng"),
+        click.option("--height", type=int, help="pixels [default: the recipe's]"),
+        click.option("--width", type=int, help="pixels [default: the recipe's]"),
+        click.option("--batch", type=int, default=1, show_default=True),
+        click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic)"),
+        click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True),
+        click.option("--init-noise", type=click.Path(path_type=Path), help=".npy (batch, 4, h/8, w/8) float32 noise"),
+        click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True),
+        click.option("--quiet", is_flag=True, help="no progress bar or timing table"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command("txt2img")
+@generation_options
+def txt2img_command(**options) -> None:
+    """Generate images from a text prompt."""
+    _generate(options, image=None, strength=None)
+
+
+@cli.command("img2img")
+@generation_options
+@click.option("--image", type=click.Path(path_type=Path), required=True, help="input image")
+@click.option("--strength", type=float, default=0.75, show_default=True, help="fraction of the schedule re-run, (0, 1]")
+def img2img_command(image, strength, **options) -> None:
+    """Transform an image guided by a text prompt."""
+    _generate(options, image=image, strength=strength)
+
+
+def _generate(options: dict, image: Path | None, strength: float | None) -> None:
+    from sdrun.generate import GenerateJob, run_job
+
+    job = GenerateJob(**options, image=image, strength=strength)
+    report = run_job(job, echo=lambda line: click.echo(line, err=True),
+                     progress=None if options["quiet"] else _progress_bar())
+    for path in report:
+        click.echo(str(path))
+
+
+def _progress_bar():
+    state = {}
+
+    def update(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\rdenoising [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+        state["done"] = done
+
+    return update
 
 
 def main(args=None) -> None:

@@ -1,0 +1,64 @@
+"""The one protocol every backend implements, and the denoising loop written once over it.
+
+A backend is a set of graph runners, one per bundle component, each taking and returning
+named numpy arrays. ONNX Runtime, TensorRT and eager PyTorch differ only in how they make
+runners; the loop, classifier-free guidance and the sampler update live here and in
+`sdrun.schedulers`, never in a backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+
+
+class GraphRunner(Protocol):
+    """Runs one component; feeds and results are keyed by the manifest's tensor names."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoisePlan:
+    """Everything the loop needs, computed on the host before it starts.
+
+    Step i maps x to c_x[i]·x + c_out[i]·guided_model_output + sigma[i]·noise[i]
+    (DDIM, Song et al. 2021, eq. 12, written linearly in x and the model output).
+    """
+
+    timesteps: np.ndarray  # (S,) float32, in sampling order
+    c_x: np.ndarray  # (S,) float32
+    c_out: np.ndarray  # (S,) float32
+    sigma: np.ndarray  # (S,) float32
+    guidance: float
+    noise: np.ndarray | None = None  # (S, B, C, h, w) float32 when eta > 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Guidance 1 is the conditional prediction alone: the unconditional half is skipped."""
+        return self.guidance != 1.0
+
+
+@dataclasses.dataclass
+class StageTimer:
+    """Wall-clock seconds per stage; `runtime_overhead` is time outside graph calls."""
+
+    seconds: dict = dataclasses.field(default_factory=dict)
+    counts: dict = dataclasses.field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.counts[stage] = self.counts.get(stage, 0) + 1
+
+    def timed(self, stage: str, call: Callable, *args):
+        start = time.perf_counter()
+        result = call(*args)
+        self.add(stage, time.perf_counter() - start)
+        return result
+

@@ -1,0 +1,129 @@
+"""One `sdrun txt2img/img2img` invocation: validate inputs, pick the backend, run, write PNGs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sdrun.backends.base import StageTimer
+from sdrun.bundle import read_manifest, require_components
+from sdrun.errors import UserError
+from sdrun.images import output_paths, parameters_text, read_image, write_png
+from sdrun.pipeline import GenerationRequest, Pipeline, complete_request, needed_components, size_multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateJob:
+    bundle: Path
+    prompt: str
+    out: Path
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    batch: int = 1
+    eta: float = 0.0
+    backend: str = "auto"
+    init_noise: Path | None = None
+    image: Path | None = None
+    strength: float | None = None
+    quiet: bool = False
+
+
+def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
+    """Every check that needs no model runs before the backend is loaded; returns the PNGs written."""
+    manifest = read_manifest(job.bundle)
+    _check_output(job.out)
+    request = _request(job, manifest)
+    components = needed_components(manifest, None, img2img=job.image is not None)
+    require_components(manifest, components, job.bundle)
+    backend = resolve_backend(job.backend, job.bundle, manifest, components, echo)
+    pipeline = Pipeline(job.bundle, backend, img2img=job.image is not None)
+    result = pipeline.generate(request, on_step=progress)
+    for dropped in set(result.dropped_tokens) - {0}:
+        echo(f"warning: the prompt is longer than {manifest.tokenizer['context_length']} tokens; "
+             f"{dropped} tokens were dropped")
+    paths = output_paths(job.out, len(result.images))
+    final = result.request
+    text = parameters_text(final.prompt, final.negative_prompt, final.steps, final.guidance, final.seed,
+                           final.width, final.height, manifest.weights_sha256, manifest.recipe["name"],
+                           {"Backend": backend, **({"Denoising strength": final.strength} if job.image else {})})
+    for path, image in zip(paths, result.images):
+        write_png(path, image, text)
+    if not job.quiet:
+        echo(timing_table(result.timer, final.steps if job.image is None else None, pipeline.load_seconds))
+    return paths
+
+
+def resolve_backend(name: str, bundle: Path, manifest, components: list[str], echo: Callable[[str], None]) -> str:
+    """`auto`: TensorRT when it is installed, a GPU is present and the engines fit; else ONNX Runtime, said aloud."""
+    if name == "tensorrt":
+        from sdrun.backends.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    if name != "auto":
+        return name
+    from sdrun.backends.tensorrt import tensorrt_fallback_reason
+
+    reason = tensorrt_fallback_reason(bundle, manifest, components)
+    if reason is None:
+        return "tensorrt"
+    echo(f"TensorRT unavailable ({reason}); using onnxruntime")
+    return "onnxruntime"
+
+
+def timing_table(timer: StageTimer, steps: int | None, load_seconds: float) -> str:
+    """Per-stage wall time, like the TensorRT demo's summary, plus time spent outside graph calls."""
+    seconds = timer.seconds
+    rows = [("text_encoder", seconds.get("text_encoder", 0.0))]
+    if "vae_encoder" in seconds:
+        rows.append(("vae_encoder", seconds["vae_encoder"]))
+    steps = steps or timer.counts.get("graph:unet_step", 0) or timer.counts.get("graph:unet", 0)
+    rows += [(f"denoise x {steps}", seconds.get("denoise", 0.0)), ("vae_decoder", seconds.get("vae_decoder", 0.0))]
+    total = seconds.get("total", 0.0)
+    in_graphs = sum(v for k, v in seconds.items() if k.startswith("graph:"))
+    line = "|------------------|--------------|"
+    out = [line, "|      Stage       |   Latency    |", line]
+    out += [f"| {name:^16} | {value * 1e3:9.2f} ms |" for name, value in rows]
+    out += [line, f"| {'Pipeline':^16} | {total * 1e3:9.2f} ms |",
+            f"| {'outside graphs':^16} | {(total - in_graphs) * 1e3:9.2f} ms |",
+            f"| {'session load':^16} | {load_seconds * 1e3:9.2f} ms |", line]
+    return "\n".join(out)
+
+
+def _request(job: GenerateJob, manifest) -> GenerationRequest:
+    image = read_image(job.image, job.width, job.height, size_multiple(manifest)) if job.image else None
+    height = job.height or (image.shape[2] if image is not None else None)
+    width = job.width or (image.shape[3] if image is not None else None)
+    request = GenerationRequest(
+        prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
+        seed=job.seed, height=height, width=width, batch=job.batch, eta=job.eta,
+        init_noise=_load_noise(job.init_noise) if job.init_noise else None, image=image,
+        strength=job.strength if job.strength is not None else 0.75)
+    return complete_request(request, manifest)
+
+
+def _load_noise(path: Path) -> np.ndarray:
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"--init-noise file {path} does not exist.", fix="pass a .npy file") from None
+    except (ValueError, OSError) as err:
+        raise UserError(f"cannot read {path} as a numpy array ({err}).",
+                        fix="save the noise with numpy.save (no pickled objects)") from None
+    if not np.issubdtype(noise.dtype, np.floating):
+        raise UserError(f"--init-noise {path} must hold floats.", got=str(noise.dtype), fix="save float32 noise")
+    return noise.astype(np.float32)
+
+
+def _check_output(out: Path) -> None:
+    parent = Path(out).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {out}: {parent} is not a writable directory.",
+                        fix="create the directory or choose another --out")
+

@@ -1,0 +1,69 @@
+"""Image files at the edges: reading img2img inputs, writing PNGs with generation parameters."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sdrun.errors import UserError
+
+
+def parameters_text(prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int,
+                    width: int, height: int, model_hash: str, model_name: str, extra: dict | None = None) -> str:
+    """The `parameters` text chunk in the convention of the popular SD web UIs."""
+    fields = {"Steps": steps, "Sampler": "DDIM", "CFG scale": guidance, "Seed": seed, "Size": f"{width}x{height}",
+              "Model hash": model_hash[:10], "Model": model_name, **(extra or {})}
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    """`out` for one image; `name-1.png`, `name-2.png`, ... for a batch."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(count)]
+
+
+def write_png(path: Path, image: np.ndarray, parameters: str) -> None:
+    """Write (H, W, 3) uint8 atomically (temp file + rename): never a partial PNG."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_image(path: Path, width: int | None, height: int | None, multiple: int) -> np.ndarray:
+    """(1, 3, H, W) float32 in [-1, 1]; without a size, the image's own rounded down to `multiple`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"input image {path} does not exist.", fix="pass an existing image file") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"cannot read {path} as an image ({err}).", expected="a PNG/JPEG/WebP image",
+                        fix="convert the file to PNG") from None
+    w = width or image.width - image.width % multiple
+    h = height or image.height - image.height % multiple
+    if w < multiple or h < multiple:
+        raise UserError(f"input image {path} is too small.", expected=f"at least {multiple}x{multiple}",
+                        got=f"{image.width}x{image.height}", fix="use a larger image")
+    if (w, h) != image.size:
+        image = image.resize((w, h), resample=Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return array.transpose(2, 0, 1)[None]

@@ -1,0 +1,274 @@
+"""txt2img / img2img: tokenize ▶ text encoder ▶ DDIM loop ▶ VAE decode, written once for every backend.
+
+Numerics only: no file I/O here (the CLI reads and writes files), no RNG beyond the
+documented generator seeded by the caller: `numpy.random.default_rng(seed)` draws, in this
+order, the initial latents (txt2img) or the posterior and forward-noising noise (img2img), then,
+for eta > 0, one noise tensor per step — all `standard_normal(..., dtype=float32)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sdrun import schedulers
+from sdrun.backends import make_runners
+from sdrun.backends.base import DenoisePlan, GraphRunner, StageTimer
+from sdrun.bundle import Manifest, read_manifest, require_components, sha256_file
+from sdrun.errors import UserError
+from sdrun.tokenizer import ClipTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None  # None: the recipe's default
+    guidance: float | None = None  # None: the recipe's default
+    seed: int = 0
+    height: int | None = None  # None: the recipe's default (pixels)
+    width: int | None = None
+    batch: int = 1
+    eta: float = 0.0
+    init_noise: np.ndarray | None = None  # (batch, 4, h, w) float32 instead of the seeded draw
+    image: np.ndarray | None = None  # img2img input (batch or 1, 3, H, W) float32 in [-1, 1]
+    strength: float = 0.75  # img2img: fraction of the schedule re-run
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    images: np.ndarray  # (B, H, W, 3) uint8
+    latents: np.ndarray  # (B, 4, h, w) float32, final latents before decoding
+    request: GenerationRequest  # with every default filled in
+    timer: StageTimer
+    dropped_tokens: tuple[int, ...]  # per prompt, tokens cut off at 77
+    step_fused: bool
+
+
+class Pipeline:
+    """A loaded bundle on one backend.
+
+    `step_fusion`: None uses the step-fused UNet when the bundle has it; True requires it;
+    False runs the plain UNet with guidance and the update on the host.
+    """
+
+    def __init__(self, bundle: Path, backend: str = "onnxruntime", step_fusion: bool | None = None,
+                 img2img: bool = False, **backend_options):
+        self.bundle = Path(bundle)
+        self.manifest = read_manifest(self.bundle)
+        self.recipe = self.manifest.recipe
+        components = needed_components(self.manifest, step_fusion, img2img)
+        require_components(self.manifest, components, self.bundle)
+        self.tokenizer = _load_tokenizer(self.bundle, self.manifest)
+        self.timer = StageTimer()
+        start = time.perf_counter()
+        runners = make_runners(backend, self.bundle, self.manifest, components, **backend_options)
+        self.load_seconds = time.perf_counter() - start
+        self.runners = {name: _TimedRunner(r, name, self.timer) for name, r in runners.items()}
+
+    def generate(self, request: GenerationRequest,
+                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+        request = complete_request(request, self.manifest)
+        self.timer = StageTimer()
+        for runner in self.runners.values():
+            runner.timer = self.timer
+        started = time.perf_counter()
+        rng = np.random.default_rng(request.seed)
+        context, dropped = self._encode_prompts(request)
+        table = _ddim_table(self.recipe, request.steps, request.eta)
+        if request.image is None:
+            latents = self._initial_noise(request, rng)
+        else:
+            latents, table = self._img2img_start(request, table, rng)
+        plan = denoise_plan(table, self.recipe, request.guidance, rng, latents.shape)
+        fused = "unet_step" in self.runners
+        start = time.perf_counter()
+        latents = denoise(self.runners, latents, context, plan, fused, on_step)
+        self.timer.add("denoise", time.perf_counter() - start)
+        images = self._decode(latents)
+        self.timer.add("total", time.perf_counter() - started)
+        return GenerationResult(images, latents, request, self.timer, dropped, fused)
+
+    def _encode_prompts(self, request: GenerationRequest) -> tuple[np.ndarray, tuple[int, ...]]:
+        prompts = [request.prompt] * request.batch
+        if request.guidance != 1.0:
+            prompts = [request.negative_prompt] * request.batch + prompts
+        tokens = self.tokenizer(prompts, self.manifest.tokenizer["pad_id"],
+                                self.manifest.tokenizer["context_length"])
+        start = time.perf_counter()
+        context = self.runners["text_encoder"].run({"input_ids": tokens.ids})["text_embeddings"].copy()
+        self.timer.add("text_encoder", time.perf_counter() - start)
+        check_finite(context, "text encoder")
+        return context, tokens.dropped
+
+    def _initial_noise(self, request: GenerationRequest, rng: np.random.Generator) -> np.ndarray:
+        shape = latent_shape(request, self.manifest)
+        if request.init_noise is not None:
+            return np.ascontiguousarray(request.init_noise, dtype=np.float32)
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    def _img2img_start(self, request, table, rng) -> tuple[np.ndarray, schedulers.DDIMTable]:
+        """Encode the image, sample its posterior and noise it to step t_enc (ldm img2img)."""
+        image = np.broadcast_to(request.image, (request.batch, *request.image.shape[1:])).astype(np.float32)
+        start = time.perf_counter()
+        moments = self.runners["vae_encoder"].run({"images": image})["latent"]
+        self.timer.add("vae_encoder", time.perf_counter() - start)
+        mean, std = np.split(moments, 2, axis=1)  # already scaled by the latent scale factor
+        x0 = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        t_enc = schedulers.img2img_start(request.steps, request.strength)
+        noise = rng.standard_normal(x0.shape, dtype=np.float32)
+        if request.init_noise is not None:
+            noise = np.ascontiguousarray(request.init_noise, dtype=np.float32)
+        return schedulers.q_sample_ddim(x0, noise, table, t_enc), schedulers.img2img_table(table, t_enc)
+
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        images = self.runners["vae_decoder"].run({"latent": latents})["images"]
+        self.timer.add("vae_decoder", time.perf_counter() - start)
+        check_finite(images, "VAE decoder")
+        return to_uint8(images)
+
+
+def denoise(runners: dict[str, GraphRunner], x: np.ndarray, context: np.ndarray, plan: DenoisePlan,
+            fused: bool, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """The DDIM loop: one step-fused graph call per step, or UNet + guidance + update on the host."""
+    if fused and not plan.uses_cfg:
+        context = np.concatenate([context, context])  # the fused graph always guides: [cond; cond]
+    zeros = np.zeros_like(x)
+    for i in range(plan.steps):
+        timestep = plan.timesteps[i:i + 1]
+        noise = plan.noise[i] if plan.noise is not None else zeros
+        if fused:
+            coefficients = np.array([plan.c_x[i], plan.c_out[i], plan.sigma[i]], dtype=np.float32)
+            x = runners["unet_step"].run({
+                "sample": x, "timestep": timestep, "encoder_hidden_states": context,
+                "guidance": np.array([plan.guidance], dtype=np.float32),
+                "step_coefficients": coefficients, "noise": noise})["latent"].copy()
+        else:
+            sample = np.concatenate([x, x]) if plan.uses_cfg else x
+            output = runners["unet"].run({"sample": sample, "timestep": timestep,
+                                          "encoder_hidden_states": context})["latent"]
+            guided = schedulers.classifier_free_guidance(*np.split(output, 2), plan.guidance) \
+                if plan.uses_cfg else output
+            x = (plan.c_x[i] * x + plan.c_out[i] * guided + plan.sigma[i] * noise).astype(np.float32)
+        check_finite(x, f"denoising step {i + 1}/{plan.steps}")
+        if on_step:
+            on_step(i + 1, plan.steps)
+    return x
+
+
+def denoise_plan(table: schedulers.DDIMTable, recipe: dict, guidance: float, rng: np.random.Generator,
+                 latent_shape: tuple[int, ...]) -> DenoisePlan:
+    c_x, c_out = schedulers.ddim_step_coefficients(table.a_t, table.a_prev, table.sigma,
+                                                   schedulers.Parameterization(recipe["parameterization"]))
+    noise = None
+    if np.any(table.sigma > 0):
+        noise = rng.standard_normal((len(table), *latent_shape), dtype=np.float32)
+    return DenoisePlan(timesteps=table.timesteps.astype(np.float32), c_x=c_x.astype(np.float32),
+                       c_out=c_out.astype(np.float32), sigma=table.sigma.astype(np.float32),
+                       guidance=float(guidance), noise=noise)
+
+
+def complete_request(request: GenerationRequest, manifest: Manifest) -> GenerationRequest:
+    """Fill None fields from the bundle's recipe and validate everything before any heavy work."""
+    recipe = manifest.recipe
+    filled = dataclasses.replace(
+        request,
+        steps=recipe["default_steps"] if request.steps is None else request.steps,
+        guidance=recipe["default_guidance"] if request.guidance is None else request.guidance,
+        height=recipe["default_height"] if request.height is None else request.height,
+        width=recipe["default_width"] if request.width is None else request.width)
+    validate_request(filled, manifest, img2img=request.image is not None)
+    return filled
+
+
+def size_multiple(manifest: Manifest) -> int:
+    """Image sizes must be multiples of this: 8 pixels per latent cell × 2 per UNet level."""
+    return manifest.vae_scale * 2 ** (len(manifest.recipe["unet"]["channel_mult"]) - 1)
+
+
+def validate_request(request: GenerationRequest, manifest: Manifest, img2img: bool) -> None:
+    recipe = manifest.recipe
+    shapes = recipe["shapes"]
+    multiple = size_multiple(manifest)
+    if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
+        raise UserError("steps must be a positive integer.", got=repr(request.steps), fix="e.g. --steps 50")
+    for axis, value in (("height", request.height), ("width", request.width)):
+        rng = shapes[axis]
+        if value % multiple:
+            raise UserError(f"{axis} {value} is not a multiple of {multiple}.",
+                            expected=f"a multiple of {multiple} (8 pixels per latent × {multiple // 8} UNet levels)",
+                            got=str(value), fix=f"use {max(multiple, value - value % multiple)}")
+        if not rng["min"] <= value <= rng["max"]:
+            raise UserError(f"{axis} {value} is outside the bundle's profile.",
+                            expected=f"{rng['min']}..{rng['max']}", got=str(value),
+                            fix="pick a size in range, or widen shapes in the recipe and re-export")
+    batch = shapes["batch"]
+    if not batch["min"] <= request.batch <= batch["max"]:
+        raise UserError("batch is outside the bundle's profile.", expected=f"{batch['min']}..{batch['max']}",
+                        got=str(request.batch), fix="lower --batch or widen shapes.batch in the recipe")
+    if img2img:
+        schedulers.img2img_start(request.steps, request.strength)
+    if request.guidance < 1.0:
+        raise UserError("guidance must be >= 1.", got=str(request.guidance), fix="use 1 (off) or e.g. 7.5")
+    if request.init_noise is not None:
+        expected = latent_shape(request, manifest)
+        if tuple(request.init_noise.shape) != expected:
+            raise UserError("--init-noise has the wrong shape.", expected=str(expected),
+                            got=str(tuple(request.init_noise.shape)),
+                            fix="save (batch, 4, height/8, width/8) float32 noise with numpy.save")
+
+
+def latent_shape(request: GenerationRequest, manifest: Manifest) -> tuple[int, int, int, int]:
+    scale = manifest.vae_scale
+    channels = manifest.recipe["unet"]["in_channels"]
+    return (request.batch, channels, request.height // scale, request.width // scale)
+
+
+def check_finite(array: np.ndarray, stage: str) -> None:
+    if not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise UserError(f"non-finite values (NaN/inf) appeared after the {stage}: {bad} of {array.size}.",
+                        fix="an fp16 graph overflowed: re-export in fp32, or keep the overflowing nodes in "
+                            "fp32 (sdcompile export --precision fp16 with more fp32 islands)")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the original scripts clamp((x + 1) / 2)."""
+    scaled = np.clip((images + 1.0) / 2.0, 0.0, 1.0) * 255.0
+    return np.round(scaled).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+class _TimedRunner:
+    """Adds each call's seconds to the timer under 'graph:<component>'."""
+
+    def __init__(self, runner: GraphRunner, name: str, timer: StageTimer):
+        self.runner, self.name, self.timer = runner, name, timer
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        result = self.runner.run(feeds)
+        self.timer.add(f"graph:{self.name}", time.perf_counter() - start)
+        return result
+
+
+def needed_components(manifest: Manifest, step_fusion: bool | None, img2img: bool) -> list[str]:
+    """The components a run loads: one UNet variant only, so its weights are in memory once."""
+    fused = "unet_step" in manifest.components if step_fusion is None else step_fusion
+    return ["text_encoder", "unet_step" if fused else "unet", "vae_decoder", *(["vae_encoder"] if img2img else [])]
+
+
+def _ddim_table(recipe: dict, steps: int, eta: float) -> schedulers.DDIMTable:
+    schedule = schedulers.DDPMSchedule(**recipe["schedule"])
+    return schedulers.ddim_table(schedule, steps, eta)
+
+
+def _load_tokenizer(bundle: Path, manifest: Manifest) -> ClipTokenizer:
+    path = bundle / manifest.tokenizer["vocab"]
+    if not path.is_file() or sha256_file(path) != manifest.tokenizer["sha256"]:
+        raise UserError(f"tokenizer vocabulary {path} is missing or does not match the manifest.",
+                        fix="re-export the bundle with `sdcompile export ... --force`")
+    return ClipTokenizer.from_file(path)
