@@ -64,7 +64,10 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
                         expected=f"an integer from 1 to {num_train_timesteps}",
                         got=repr(num_steps), fix="choose a step count such as 50")
     stride = num_train_timesteps // num_steps
-    return np.arange(0, num_train_timesteps, stride, dtype=np.int64) + 1
+    steps = np.arange(0, num_train_timesteps, stride, dtype=np.int64) + 1
+    # When the stride divides T - 1 (S = 3, 9, 27, 37, 111, 333 for T = 1000) the last shifted
+    # timestep is T itself, where ldm indexes past ᾱ and fails; we drop it.
+    return steps[steps < num_train_timesteps]
 
 
 def ddim_table(schedule: DDPMSchedule, num_steps: int, eta: float) -> DDIMTable:

@@ -1,4 +1,4 @@
-"""Shared test fixtures: recipes and seeded tiny models."""
+"""Shared test fixtures: recipes and tiny bundles exported once per session."""
 from __future__ import annotations
 
 import pytest
@@ -9,3 +9,27 @@ def tiny_recipe():
     from sdcompile.recipes import load_recipe
 
     return load_recipe("tiny")
+
+
+def _export(directory, precision, **options):
+    from sdcompile.bundler import ExportConfig, export_bundle
+    from sdcompile.options import Precision
+    from sdcompile.recipes import load_recipe
+    from sdcompile.weights import RandomWeights
+
+    config = ExportConfig(recipe=load_recipe("tiny"), source=RandomWeights(0), out=directory,
+                          precision=Precision(precision), **options)
+    export_bundle(config, log=lambda line: None)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """Every component of the tiny recipe, fp32, random weights seed 0."""
+    return _export(tmp_path_factory.mktemp("bundles") / "tiny-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_fp16(tmp_path_factory):
+    """Every component of the tiny recipe, fp16 with fp32 islands, random weights seed 0."""
+    return _export(tmp_path_factory.mktemp("bundles") / "tiny-fp16", "fp16")

@@ -47,7 +47,8 @@ def test_ddim_timesteps_uniform_discretization():
     # ldm keeps every c-th timestep, c = T // S: S=30 gives 31 steps, the last at 991.
     steps = ddim_timesteps(30, 1000)
     assert len(steps) == 31 and steps[-1] == 991
-    assert len(ddim_timesteps(1000, 1000)) == 1000 and len(ddim_timesteps(1, 1000)) == 1
+    # S = 1000 would end at t = 1000, past the table (ldm fails there); that step is dropped.
+    assert len(ddim_timesteps(1000, 1000)) == 999 and len(ddim_timesteps(1, 1000)) == 1
 
 
 @pytest.mark.parametrize("num_steps", [0, -3, 1001, 2.5])
@@ -233,3 +234,9 @@ def test_module_imports_neither_torch_nor_sdcompile():
     code = ("import sys, sdrun.schedulers; "
             "assert not {'torch', 'sdcompile'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("steps", [3, 9, 27, 37, 111, 333])
+def test_timesteps_never_reach_T_when_the_stride_divides_T_minus_1(steps):
+    timesteps = ddim_timesteps(steps, 1000)
+    assert timesteps.max() < 1000 and len(timesteps) == steps
