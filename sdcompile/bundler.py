@@ -21,8 +21,9 @@ import torch
 from sdcompile.components import component_spec, selected_components
 from sdcompile.components.spec import dim_multiples, input_profile, trace_binding
 from sdcompile.export import name_io_dims, onnx_from_module, save_model
-from sdcompile.options import DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
+from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.passes import default_passes, optimize_model
+from sdcompile.passes.step_fusion import wrapper_node_names
 from sdcompile.recipes import Recipe, TokenizerPadding
 from sdcompile.verify import check_output
 from sdcompile.weights import RandomWeights, load_models
@@ -52,6 +53,7 @@ class ExportConfig:
 def export_bundle(config: ExportConfig, log=print) -> Manifest:
     """Export the selected components of `config.recipe` into the bundle at `config.out`."""
     names = _with_bases(selected_components(config.components), config.recipe)
+    check_attention_opset(config.opset, config.attention_target)
     out = Path(config.out)
     previous = _previous_bundle(out, config.force)
     _check_writable(out.parent)
@@ -87,7 +89,8 @@ def _export_component(name: str, models, config: ExportConfig, staging: Path, re
         log(f"[{name}] deriving from {spec.derived_from}")
         model = spec.derive(onnx.load(str(staging / spec.derived_from / "model.onnx")))
         name_io_dims(model, spec.inputs, spec.outputs)
-        passes, pass_report = [*records[spec.derived_from].passes, "step-fusion"], {}
+        passes = [*records[spec.derived_from].passes, "step-fusion"]
+        pass_report = {"step-fusion": {"fp32_node_names": wrapper_node_names(model)}}
     else:
         log(f"[{name}] exporting (opset {config.opset})")
         model = onnx_from_module(module, inputs, spec.inputs, spec.outputs, dim_multiples(config.recipe),
@@ -107,6 +110,15 @@ def _export_component(name: str, models, config: ExportConfig, staging: Path, re
         files={f"{name}/{p.name}": sha256_file(p) for p in written},
         inputs=spec.inputs, outputs=spec.outputs, profile=input_profile(spec, config.recipe),
         precision=config.precision.value, passes=tuple(passes), report=report)
+
+
+def check_attention_opset(opset: int, target: AttentionTarget) -> None:
+    """The standard Attention operator exists from opset 23; refuse lower before any work."""
+    if target is AttentionTarget.ONNX and opset < ATTENTION_OPSET:
+        raise UserError(f"opset {opset} is too low for the ONNX Attention target.",
+                        expected=f"--opset >= {ATTENTION_OPSET} (the first opset with Attention)", got=str(opset),
+                        fix=f"use --opset {ATTENTION_OPSET}, or --attention-target ort-mha for ONNX Runtime's "
+                            "com.microsoft.MultiHeadAttention")
 
 
 def _with_bases(names: list[str], recipe: Recipe) -> list[str]:

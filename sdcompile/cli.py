@@ -4,6 +4,7 @@ Each command parses its options, builds a config and calls one library function.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -69,6 +70,38 @@ def export_command(recipe, checkpoint, random_weights, seed, components, out, pr
                           verify=not no_verify, force=force)
     manifest = export_bundle(config, log=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {out} ({', '.join(manifest.components)})")
+
+
+@cli.command("optimize")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="optimized .onnx to write")
+@click.option("--passes", help="comma-separated, in order: cleanup,fuse-attention,fp16 [default: by precision]")
+@click.option("--precision", type=click.Choice([p.value for p in Precision]), default="fp32", show_default=True)
+@click.option("--attention-target", type=click.Choice([t.value for t in AttentionTarget]), default="onnx",
+              show_default=True)
+def optimize_command(source, out, passes, precision, attention_target) -> None:
+    """Run the graph passes on any SD-style ONNX file (including ones we did not export)."""
+    from sdcompile.optimize import OptimizeConfig, optimize_file
+
+    config = OptimizeConfig(source=source, out=out, precision=Precision(precision),
+                            passes=tuple(p.strip() for p in passes.split(",") if p.strip()) if passes else None,
+                            attention_target=AttentionTarget(attention_target))
+    result = optimize_file(config)
+    attention = result["reports"].get("fuse-attention")
+    if attention:
+        click.echo(f"attention: {json.dumps(attention)}", err=True)
+    click.echo(f"wrote {out} ({', '.join(result['passes'])})")
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def inspect_command(path, as_json) -> None:
+    """Show a bundle's or an ONNX file's components, I/O, ops, attention and precision."""
+    from sdcompile.inspection import format_summary, inspect_path
+
+    summary = inspect_path(path)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 register_trt(cli)

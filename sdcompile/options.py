@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import enum
 
-DEFAULT_OPSET = 23  # first opset with the standard Attention operator
+ATTENTION_OPSET = 23  # first opset with the standard Attention operator
+DEFAULT_OPSET = ATTENTION_OPSET
 
 
 class Precision(enum.Enum):

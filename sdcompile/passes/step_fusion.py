@@ -74,6 +74,12 @@ def _wrapper_nodes(inner: dict[str, str]) -> tuple[list[onnx.NodeProto], list[on
     return before, after
 
 
+def wrapper_node_names(model: onnx.ModelProto) -> list[str]:
+    """The nodes this pass added: CFG and the sampler update, deliberately in fp32 (an fp32 island:
+    the latent is accumulated over every step, so its update keeps full precision)."""
+    return [n.name for n in model.graph.node if n.name.startswith(_PREFIX)]
+
+
 def _check_conventional_io(model: onnx.ModelProto) -> None:
     from sdrun.errors import UserError
 
