@@ -31,5 +31,11 @@ def tiny_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle_fp16(tmp_path_factory):
-    """Every component of the tiny recipe, fp16 with fp32 islands, random weights seed 0."""
-    return _export(tmp_path_factory.mktemp("bundles") / "tiny-fp16", "fp16")
+    """Every component of the tiny recipe, fp16 with fp32 islands, random weights seed 0.
+
+    Traced with explicit MatMul-Softmax-MatMul attention, so our fusion pass (not the exporter)
+    produced every Attention node in it.
+    """
+    from sdcompile.options import AttentionImpl
+
+    return _export(tmp_path_factory.mktemp("bundles") / "tiny-fp16", "fp16", attention=AttentionImpl.EXPLICIT)

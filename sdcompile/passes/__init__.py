@@ -20,6 +20,7 @@ from sdcompile.passes.fused_attention import (AttentionOptions, AttentionReport,
                                               fuse_attention)
 from sdcompile.passes.reports import plain_data
 from sdcompile.passes.shape_inference import check_model_types, infer_shapes
+from sdcompile.passes.step_fusion import step_fused_unet, wrapper_node_names
 from sdcompile.passes.summary import graph_summary
 from sdrun.errors import UserError
 
@@ -54,10 +55,16 @@ def _run_fp16(graph: gs.Graph, options: PassOptions) -> PassResult:
     return PassResult(result.graph, result.report)
 
 
+def _run_step_fusion(graph: gs.Graph, options: PassOptions) -> PassResult:
+    fused = step_fused_unet(gs.export_onnx(graph))
+    return PassResult(gs.import_onnx(fused), {"fp32_node_names": wrapper_node_names(fused)})
+
+
 PASSES: dict[str, Callable[[gs.Graph, PassOptions], PassResult]] = {
     "cleanup": _run_cleanup,
     "fuse-attention": _run_fuse_attention,
     "fp16": _run_fp16,
+    "step-fusion": _run_step_fusion,
 }
 
 
