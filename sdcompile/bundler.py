@@ -84,27 +84,30 @@ def _export_component(name: str, models, config: ExportConfig, staging: Path, re
     spec = component_spec(name, config.recipe)
     module = spec.wrap(models, config.recipe).eval()
     inputs = spec.sample(config.recipe, trace_binding(config.recipe), torch.Generator().manual_seed(config.seed))
-    started = time.perf_counter()
+    phases = _PhaseClock(name, log)
     if spec.derived_from:
-        log(f"[{name}] deriving from {spec.derived_from}")
         model = spec.derive(onnx.load(str(staging / spec.derived_from / "model.onnx")))
         name_io_dims(model, spec.inputs, spec.outputs)
         passes = [*records[spec.derived_from].passes, "step-fusion"]
         pass_report = {"step-fusion": {"fp32_node_names": wrapper_node_names(model)}}
+        phases.done(f"derived from {spec.derived_from}")
     else:
-        log(f"[{name}] exporting (opset {config.opset})")
         model = onnx_from_module(module, inputs, spec.inputs, spec.outputs, dim_multiples(config.recipe),
                                  config.opset)
+        phases.done(f"traced (opset {config.opset})")
         passes = default_passes(config.precision)
-        log(f"[{name}] passes: {', '.join(passes)}")
         model, pass_report = optimize_model(model, passes, attention_target=config.attention_target)
-    report = {"export_seconds": round(time.perf_counter() - started, 2), "passes": pass_report}
+        phases.done(f"passes {', '.join(passes)}")
     directory = staging / name
     directory.mkdir()
     written = save_model(model, directory / "model.onnx")
     del model
+    phases.done("saved")
+    report = {"export_seconds": phases.total(), "passes": pass_report}
     if config.verify:
         report["verification"] = _verify(name, module, inputs, written[0], config.precision, log)
+        phases.done("verified")
+    report["phases"] = phases.seconds
     return ComponentRecord(
         name=name, graph=f"{name}/model.onnx",
         files={f"{name}/{p.name}": sha256_file(p) for p in written},
@@ -119,6 +122,35 @@ def check_attention_opset(opset: int, target: AttentionTarget) -> None:
                         expected=f"--opset >= {ATTENTION_OPSET} (the first opset with Attention)", got=str(opset),
                         fix=f"use --opset {ATTENTION_OPSET}, or --attention-target ort-mha for ONNX Runtime's "
                             "com.microsoft.MultiHeadAttention")
+
+
+class _PhaseClock:
+    """Logs each export phase with its wall time and the process's resident memory."""
+
+    def __init__(self, component: str, log):
+        self.component, self.log = component, log
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 2)
+        self._last = now
+        self.log(f"[{self.component}] {phase}: {self.seconds[phase]:.1f} s, {_resident_gib():.1f} GiB resident")
+
+    def total(self) -> float:
+        return round(sum(self.seconds.values()), 2)
+
+
+def _resident_gib() -> float:
+    """Current resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
 
 
 def _with_bases(names: list[str], recipe: Recipe) -> list[str]:
@@ -140,7 +172,7 @@ def _verify(name: str, module: torch.nn.Module, inputs: dict, graph: Path, preci
     results = []
     for value, expected, actual in zip(session.get_outputs(), references, outputs):
         gate = check_output(value.name, expected.numpy(), actual, precision)
-        log(f"[{name}] verify {gate.describe()}")
+        log(f"[{name}] gate {gate.describe()}")
         if not gate.passed:
             raise UserError(f"{name}: the exported graph does not reproduce eager PyTorch.",
                             expected=f"{gate.statistic} within {gate.threshold:g}",

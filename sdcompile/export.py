@@ -38,6 +38,7 @@ def onnx_from_module(module: torch.nn.Module, inputs: dict[str, torch.Tensor], i
             dynamic_shapes=_dynamic_shapes(module, input_specs, dim_multiples), optimize=True, verbose=False)
         path = Path(tmp) / "model.onnx"
         program.save(str(path), external_data=True)
+        del program  # holds a second copy of every weight
         model = onnx.load(str(path), load_external_data=True)
     name_io_dims(model, input_specs, output_specs)
     return model

@@ -5,6 +5,7 @@ order on a ModelProto and returns the new model with each pass's report as plain
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -108,9 +109,10 @@ def optimize_model(model: onnx.ModelProto, passes: Sequence[str],
     options = _with_target(options or PassOptions(), attention_target)
     graph, reports = gs.import_onnx(model), {}
     for name in passes:
+        start = time.perf_counter()
         result = PASSES[name](graph, options)
         graph = result.graph
-        reports[name] = plain_data(result.report)
+        reports[name] = {**plain_data(result.report), "seconds": round(time.perf_counter() - start, 2)}
     optimized = _model_from_graph(graph, model)
     check_model_types(optimized)
     return optimized, reports

@@ -15,8 +15,8 @@ from sdrun.errors import UserError
 FP16_RTOL_L2 = 5e-3
 
 
-def test_registry_names_the_three_passes():
-    assert list(PASSES) == ["cleanup", "fuse-attention", "fp16"]
+def test_registry_names_the_passes():
+    assert list(PASSES) == ["cleanup", "fuse-attention", "fp16", "step-fusion"]
     assert default_passes(Precision.FP32) == ["cleanup", "fuse-attention"]
     assert default_passes(Precision.FP16) == ["cleanup", "fuse-attention", "fp16"]
 
