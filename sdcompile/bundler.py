@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from sdcompile.components import component_spec, selected_components
-from sdcompile.components.spec import dim_multiples, input_profile, trace_binding
+from sdcompile.components.spec import dim_multiples, input_profile, trace_binding, verify_binding
 from sdcompile.export import name_io_dims, onnx_from_module, save_model
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.passes import default_passes, optimize_model
@@ -105,7 +105,8 @@ def _export_component(name: str, models, config: ExportConfig, staging: Path, re
     phases.done("saved")
     report = {"export_seconds": phases.total(), "passes": pass_report}
     if config.verify:
-        report["verification"] = _verify(name, module, inputs, written[0], config.precision, log)
+        checked = spec.sample(config.recipe, verify_binding(config.recipe), torch.Generator().manual_seed(config.seed + 1))
+        report["verification"] = _verify(name, module, checked, written[0], config.precision, log)
         phases.done("verified")
     report["phases"] = phases.seconds
     return ComponentRecord(

@@ -58,6 +58,13 @@ def trace_binding(recipe: Recipe) -> ShapeBinding:
     return ShapeBinding(batch, 2 * batch, recipe.shapes.height.opt, recipe.shapes.width.opt, recipe.vae_scale)
 
 
+def verify_binding(recipe: Recipe) -> ShapeBinding:
+    """Shapes for the accuracy gate: one prompt with guidance at the opt size — cheaper than the
+    traced batch, and a different shape, so the graph's dynamic axes are exercised too."""
+    shapes = recipe.shapes
+    return ShapeBinding(shapes.batch.min, 2 * shapes.batch.min, shapes.height.opt, shapes.width.opt, recipe.vae_scale)
+
+
 def dim_multiples(recipe: Recipe) -> dict[str, int]:
     """What each spatial symbol must be a multiple of for every UNet level to line up."""
     latent = recipe.size_multiple // recipe.vae_scale
