@@ -32,6 +32,7 @@ class GenerateJob:
     init_noise: Path | None = None
     image: Path | None = None
     strength: float | None = None
+    threads: int | None = None  # ONNX Runtime intra-op threads; None: ONNX Runtime's default
     quiet: bool = False
 
 
@@ -43,7 +44,8 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     components = needed_components(manifest, None, img2img=job.image is not None)
     require_components(manifest, components, job.bundle)
     backend = resolve_backend(job.backend, job.bundle, manifest, components, echo)
-    pipeline = Pipeline(job.bundle, backend, img2img=job.image is not None)
+    options = {"threads": job.threads} if backend == "onnxruntime" and job.threads else {}
+    pipeline = Pipeline(job.bundle, backend, img2img=job.image is not None, **options)
     result = pipeline.generate(request, on_step=progress)
     for dropped in set(result.dropped_tokens) - {0}:
         echo(f"warning: the prompt is longer than {manifest.tokenizer['context_length']} tokens; "
