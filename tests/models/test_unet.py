@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from model_checks import rel_l2
 from reference_keys import reference_shapes
 
 from sdcompile.models.attention import AttentionImpl
@@ -14,10 +15,6 @@ from sdcompile.recipes import load_recipe
 ATTENTION_IMPL_REL_L2 = 1e-6  # SDPA vs explicit softmax attention, relative L2 of the UNet output
 SAME_MATH_REL_L2 = 1e-6  # two spellings of the same computation (conv 1x1 vs Linear, int vs float t)
 CONTEXT_LEN = 77
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
