@@ -1,0 +1,40 @@
+"""`python -m benchmarks` (`make bench`): accuracy and latency of every backend against eager PyTorch."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from sdrun.errors import run_cli
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--recipe", default="tiny", show_default=True, help="recipe name or .toml path (random weights)")
+@click.option("--steps", type=click.IntRange(min=1), help="DDIM steps (default: the recipe's)")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="timed runs per measurement")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="untimed runs before them")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True,
+              help="directory for <machine>-<recipe>.json/.md/-latency.png/-images.png")
+@click.option("--seed", type=int, default=0, show_default=True, help="random weights and initial noise")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="intra-op threads for ONNX Runtime and eager PyTorch alike (default: each library's own)")
+@click.option("--unet-step-only", is_flag=True,
+              help="time one UNet call at batch 2 (eager, ONNX Runtime fp32/fp16, diffusers) instead of txt2img")
+def main(recipe, steps, repeats, warmup, out, seed, threads, unet_step_only) -> None:
+    """Export the recipe with random weights, run every available backend on the same prompts and noise,
+    and report accuracy (per component and end to end) and latency. Exits 1 when an accuracy gate fails."""
+    from benchmarks.config import BenchConfig, Scope
+    from benchmarks.harness import run_benchmark
+    from benchmarks.report import write_results
+
+    config = BenchConfig(recipe=recipe, scope=Scope.UNET_STEP if unet_step_only else Scope.PIPELINE, steps=steps,
+                         repeats=repeats, warmup=warmup, seed=seed, threads=threads)
+    result = run_benchmark(config, log=click.echo)
+    paths = write_results(result, out, log=click.echo)
+    click.echo("\n" + paths["markdown"].read_text())
+    sys.exit(1 if result.failed_gates else 0)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,106 @@
+"""The benchmark: the same prompts and initial noise on every backend, eager PyTorch fp32 as the reference.
+
+`run_benchmark` exports the recipe with random weights (one `sdcompile export` process per
+precision, timed, with its peak memory), finds the backends this machine has, and runs one scope:
+- PIPELINE (`benchmarks.txt2img`): txt2img end to end on each backend × precision × (plain,
+  step-fused) UNet, accuracy per component and end to end, latency per stage, and diffusers'
+  pipeline on the same weights as the peer baseline;
+- UNET_STEP (`benchmarks.unet_step`): one UNet call at guidance batch 2 on eager, each graph runtime
+  and the diffusers UNet, for full-size architectures.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.config import PRECISIONS, REFERENCE, BenchConfig, EngineSet, Scope
+from benchmarks.exports import ExportMeasurement, export_measured
+from benchmarks.outcome import BenchResult
+from benchmarks.txt2img import txt2img_benchmark
+from benchmarks.unet_step import unet_step_benchmark
+
+SCOPE_COMPONENTS = {Scope.PIPELINE: ("all",), Scope.UNET_STEP: ("unet",)}
+
+
+def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
+    """Export (or take) the bundles, run the configured scope, return every measurement."""
+    from sdcompile.recipes import load_recipe
+
+    recipe = load_recipe(config.recipe)
+    set_torch_threads(config.threads)
+    engine_sets, skipped = available_engine_sets()
+    components = SCOPE_COMPONENTS[config.scope]
+    steps = config.steps or recipe.default_steps
+    with tempfile.TemporaryDirectory(prefix="sdcompile-bench-") as scratch:
+        bundles, exports = prepare_bundles(config, Path(scratch), components, log)
+        skipped += build_tensorrt_engines(engine_sets, bundles, components, log)
+        common = dict(config=config, steps=steps, guidance=recipe.default_guidance, height=recipe.default_height,
+                      width=recipe.default_width, exports=exports)
+        if config.scope is Scope.UNET_STEP:
+            measured = unet_step_benchmark(config, recipe, bundles, engine_sets, log)
+            return BenchResult(**common, unet_step=measured, skipped=tuple(skipped))
+        outcome = txt2img_benchmark(config, recipe, bundles, engine_sets, log)
+    return BenchResult(**common, components=outcome.components, variants=outcome.variants, peer=outcome.peer,
+                       skipped=tuple(skipped) + outcome.skipped, reference_images=outcome.reference.images)
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """Give eager PyTorch (our reference and the diffusers peer) the same intra-op threads as ONNX Runtime."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def available_engine_sets() -> tuple[list[EngineSet], list[str]]:
+    """Eager fp32 and ONNX Runtime fp32/fp16 always; TensorRT fp32/fp16 where it and a GPU are present."""
+    sets = [REFERENCE, EngineSet("onnxruntime", "fp32"), EngineSet("onnxruntime", "fp16")]
+    skipped = ["torch fp16: the torch backend runs the eager fp32 reference only"]
+    available, reason = tensorrt_status()
+    if available:
+        sets += [EngineSet("tensorrt", precision) for precision in PRECISIONS]
+    else:
+        skipped.append(f"tensorrt: {reason}")
+    return sets, skipped
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    try:
+        from sdrun.backends.tensorrt import tensorrt_available
+    except ImportError as err:
+        return False, f"the TensorRT backend cannot be imported ({err})"
+    return tensorrt_available()
+
+
+def prepare_bundles(config: BenchConfig, scratch: Path, components: tuple[str, ...],
+                    log) -> tuple[dict[str, Path], tuple[ExportMeasurement, ...]]:
+    """The given bundles, or fresh exports (one child process each, timed) under `scratch`."""
+    if config.bundles is not None:
+        return {p: Path(config.bundles[p]) for p in PRECISIONS}, ()
+    exports, bundles = [], {}
+    for precision in PRECISIONS:
+        bundles[precision] = scratch / f"{config.recipe}-{precision}"
+        exports.append(export_measured(config.recipe, precision, bundles[precision], config.seed, components, log))
+        peak = exports[-1].peak_rss_mib
+        log(f"export {precision}: {exports[-1].seconds:.1f} s" + (f", peak RSS {peak:.0f} MiB" if peak else ""))
+    return bundles, tuple(exports)
+
+
+def build_tensorrt_engines(engine_sets: list[EngineSet], bundles: dict[str, Path], components: tuple[str, ...],
+                           log) -> list[str]:
+    """Engines inside each bundle for the TensorRT engine sets; a failed build drops that set, saying why."""
+    skipped = []
+    for engines in [e for e in engine_sets if e.backend == "tensorrt"]:
+        from sdcompile.trt import BuildOptions, BuildRequest, build_engines
+
+        start = time.perf_counter()
+        try:
+            build_engines(BuildRequest(bundles[engines.precision], components, BuildOptions()), log=log)
+        except Exception as err:  # noqa: BLE001 - the benchmark goes on without this backend, saying why
+            engine_sets.remove(engines)
+            skipped.append(f"{engines.label}: engine build failed ({err})")
+            continue
+        log(f"{engines.label}: engines built in {time.perf_counter() - start:.1f} s")
+    return skipped

@@ -1,0 +1,97 @@
+"""Everything a benchmark run measured, as frozen records that turn into JSON."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from benchmarks.accuracy import Gate
+from benchmarks.config import BenchConfig, EngineSet, Variant
+from benchmarks.exports import ExportMeasurement
+from benchmarks.latency import PipelineLatency, Stats
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentResult:
+    engines: EngineSet
+    component: str
+    statistics: dict
+    latency: Stats
+    gate: Gate | None  # None for the reference itself
+
+    def to_dict(self) -> dict:
+        return {"backend": self.engines.backend, "precision": self.engines.precision, "component": self.component,
+                "accuracy": self.statistics, "latency": self.latency.to_dict(),
+                "gate": self.gate.to_dict() if self.gate else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantResult:
+    variant: Variant
+    load_seconds: float
+    latents: dict  # final latents vs the reference
+    image: dict  # uint8 images in [0, 1] vs the reference, with SSIM
+    latency: PipelineLatency
+    gate: Gate | None
+    images: np.ndarray  # (P, H, W, 3) uint8, one per prompt
+
+    def to_dict(self) -> dict:
+        v = self.variant
+        return {"label": v.label, "backend": v.engines.backend, "precision": v.engines.precision,
+                "denoise": v.denoise.value, "reference": v.is_reference, "load_seconds": self.load_seconds,
+                "accuracy": {"latents": self.latents, "image": self.image}, "latency": self.latency.to_dict(),
+                "gate": self.gate.to_dict() if self.gate else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerResult:
+    build_seconds: float
+    image: dict  # float images in [-1, 1] vs the reference's decoded (and clamped) images
+    latency: Stats  # one end-to-end pipeline call
+    gate: Gate
+    images: np.ndarray  # (P, H, W, 3) uint8
+
+    def to_dict(self) -> dict:
+        return {"name": "diffusers StableDiffusionPipeline + DDIMScheduler (eager fp32)",
+                "build_seconds": self.build_seconds, "accuracy": {"image": self.image},
+                "latency": self.latency.to_dict(), "gate": self.gate.to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetStepResult:
+    label: str  # "torch fp32 (eager)", "onnxruntime fp16", "diffusers (eager)", ...
+    precision: str
+    load_seconds: float
+    statistics: dict  # vs eager
+    latency: Stats
+    gate: Gate | None
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "precision": self.precision, "load_seconds": self.load_seconds,
+                "accuracy": self.statistics, "latency": self.latency.to_dict(),
+                "gate": self.gate.to_dict() if self.gate else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    config: BenchConfig
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    exports: tuple[ExportMeasurement, ...]  # empty when the bundles were given
+    components: tuple[ComponentResult, ...] = ()
+    variants: tuple[VariantResult, ...] = ()
+    peer: PeerResult | None = None
+    unet_step: tuple[UNetStepResult, ...] = ()
+    skipped: tuple[str, ...] = ()  # what could not run here, and why
+    reference_images: np.ndarray | None = None  # (P, H, W, 3) uint8
+
+    @property
+    def gates(self) -> list[Gate]:
+        found = [r.gate for r in (*self.components, *self.variants, *self.unet_step) if r.gate]
+        return found + ([self.peer.gate] if self.peer else [])
+
+    @property
+    def failed_gates(self) -> list[Gate]:
+        return [gate for gate in self.gates if not gate.passed]

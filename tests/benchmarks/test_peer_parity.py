@@ -1,0 +1,160 @@
+"""Acceptance of the runtime: our eager backend against diffusers, and every graph backend against eager.
+
+All on the tiny recipe with seeded random weights (seed 0), the same prompt and the same initial noise:
+- diffusers' StableDiffusionPipeline (DDIM) on the same weights vs our eager torch backend: the decoded
+  float images agree within 1e-3 (fp32);
+- ONNX Runtime fp32 vs eager torch: every uint8 pixel within 2/255;
+- ONNX Runtime fp16 vs eager torch: PSNR >= 30 dB on the uint8 images;
+- step-fused vs plain UNet on one backend: final latents within 1e-5 relative L2.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from sdrun.metrics import compare, psnr, ssim
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+PROMPT = "a lighthouse on a cliff at dawn"
+NEGATIVE_PROMPT = "blurry"
+STEPS = 10
+GUIDANCE = 7.5
+SIZE = 64  # pixels; latents 8×8
+PEER_MAX_ABS = 1e-3  # decoded float images in [-1, 1], fp32 vs fp32 in another op order
+FP32_MAX_PIXEL_STEPS = 2  # uint8 levels: a rounding flip either side of the eager value
+FP16_MIN_PSNR_DB = 30.0  # uint8 images over [0, 255]
+FUSED_MAX_REL_L2 = 1e-5  # final latents, step-fused vs plain UNet, same backend and precision
+
+
+def request():
+    from sdrun.pipeline import GenerationRequest
+
+    noise = np.random.default_rng(7).standard_normal((1, 4, SIZE // 8, SIZE // 8), dtype=np.float32)
+    return GenerationRequest(PROMPT, NEGATIVE_PROMPT, steps=STEPS, guidance=GUIDANCE, seed=0, height=SIZE,
+                             width=SIZE, init_noise=noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    images: np.ndarray  # (1, H, W, 3) uint8
+    latents: np.ndarray  # (1, 4, h, w)
+    decoded: np.ndarray  # (1, 3, H, W) float32, the VAE output before quantisation
+
+
+def generate(bundle, backend: str, step_fusion: bool = False) -> Run:
+    from sdrun.pipeline import Pipeline
+
+    pipeline = Pipeline(bundle, backend, step_fusion=step_fusion)
+    result = pipeline.generate(request())
+    decoded = pipeline.runners["vae_decoder"].run({"latent": result.latents})["images"].copy()
+    return Run(result.images, result.latents, decoded)
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_bundle) -> Run:
+    return generate(tiny_bundle, "torch")
+
+
+def test_diffusers_pipeline_matches_eager_torch(eager, tiny_recipe):
+    from benchmarks.peer import diffusers_pipeline_from_models, run_peer
+    from sdcompile.weights import RandomWeights, load_models
+
+    pipe = diffusers_pipeline_from_models(load_models(tiny_recipe, RandomWeights(0)), tiny_recipe)
+    r = request()
+    theirs = run_peer(pipe, PROMPT, NEGATIVE_PROMPT, STEPS, GUIDANCE, r.init_noise, SIZE, SIZE)
+    ours = np.clip(eager.decoded, -1.0, 1.0)  # the pipeline clamps its output the same way
+    image = compare(ours, theirs, data_range=2.0)
+    print(f"\ndiffusers vs eager torch: image max abs {image.max_abs:.3g}, mean abs {image.mean_abs:.3g}, "
+          f"PSNR {image.psnr_db:.1f} dB")
+    assert theirs.shape == ours.shape == (1, 3, SIZE, SIZE)
+    assert image.max_abs <= PEER_MAX_ABS, f"image max abs {image.max_abs:.3g} > {PEER_MAX_ABS}"
+
+
+def test_onnxruntime_fp32_matches_eager_torch_within_two_levels(eager, tiny_bundle):
+    candidate = generate(tiny_bundle, "onnxruntime")
+    steps = np.abs(candidate.images.astype(int) - eager.images.astype(int))
+    print(f"\nonnxruntime fp32 vs eager torch: max {steps.max()} uint8 levels, {np.count_nonzero(steps)} of "
+          f"{steps.size} values differ, PSNR {psnr(eager.images, candidate.images, 255.0):.1f} dB")
+    assert steps.max() <= FP32_MAX_PIXEL_STEPS, f"a pixel differs by {steps.max()} levels (needs <= {steps.max()})"
+
+
+def test_onnxruntime_fp16_reaches_30_db_against_eager_torch(eager, tiny_bundle_fp16):
+    candidate = generate(tiny_bundle_fp16, "onnxruntime")
+    value = psnr(eager.images, candidate.images, 255.0)
+    similarity = ssim(eager.images.transpose(0, 3, 1, 2) / 255.0, candidate.images.transpose(0, 3, 1, 2) / 255.0)
+    print(f"\nonnxruntime fp16 vs eager torch: PSNR {value:.1f} dB, SSIM {similarity:.5f}")
+    assert value >= FP16_MIN_PSNR_DB, f"PSNR {value:.1f} dB < {FP16_MIN_PSNR_DB} dB"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_step_fused_matches_plain_unet(tiny_bundle, backend):
+    plain = generate(tiny_bundle, backend, step_fusion=False)
+    fused = generate(tiny_bundle, backend, step_fusion=True)
+    error = compare(plain.latents, fused.latents).rel_l2
+    print(f"\n{backend} step-fused vs plain: final latents rel L2 {error:.3g}")
+    assert error <= FUSED_MAX_REL_L2, f"rel L2 {error:.3g} > {FUSED_MAX_REL_L2}"
+
+
+# --- the peer's own conversion -----------------------------------------------------------------------------
+
+
+def tiny_sd2_recipe(tiny):
+    """The tiny recipe with SD2's structure: OpenCLIP text tower (GELU, penultimate layer, zero padding),
+    linear transformer projections, heads of fixed width, v prediction."""
+    from sdcompile.recipes import (Family, Parameterization, TextActivation, TextEncoderKind, TextOutputLayer,
+                                   TokenizerPadding)
+
+    text = dataclasses.replace(tiny.text_encoder, kind=TextEncoderKind.OPENCLIP, width=48, heads=3, layers=3,
+                               activation=TextActivation.GELU, output_layer=TextOutputLayer.PENULTIMATE,
+                               padding=TokenizerPadding.ZERO)
+    unet = dataclasses.replace(tiny.unet, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True,
+                               context_dim=48)
+    return dataclasses.replace(tiny, name="tiny-sd2", family=Family.SD2, parameterization=Parameterization.V,
+                               unet=unet, text_encoder=text)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_peer_components_equal_our_models(tiny_recipe, family):
+    """diffusers' converters put our weights into models that compute what ours do (rel L2 <= 1e-5)."""
+    import torch
+
+    from benchmarks import peer
+    from sdcompile.weights import RandomWeights, load_models
+
+    recipe = tiny_recipe if family == "sd1" else tiny_sd2_recipe(tiny_recipe)
+    models = load_models(recipe, RandomWeights(3))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, recipe.text_encoder.vocab_size, (2, 77), generator=generator)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 77, recipe.unet.context_dim, generator=generator)
+    timesteps = torch.tensor([1.0, 981.0])
+    with torch.no_grad():
+        pairs = {
+            "text": (models.text_encoder(ids), peer.hf_text_encoder(models, recipe)(ids).last_hidden_state),
+            "unet": (models.unet(latents, timesteps, context),
+                     peer.diffusers_unet(models, recipe)(latents, timesteps, encoder_hidden_states=context).sample),
+            "vae": (models.vae.decode(latents), peer.diffusers_vae(models, recipe).decode(latents).sample),
+        }
+    for name, (ours, theirs) in pairs.items():
+        error = compare(ours.numpy(), theirs.numpy()).rel_l2
+        assert error <= 1e-5, f"{family} {name}: rel L2 {error:.3g}"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_peer_tokenizer_gives_our_token_ids(tiny_recipe, family):
+    from benchmarks import peer
+    from sdrun.tokenizer import ClipTokenizer
+
+    recipe = tiny_recipe if family == "sd1" else tiny_sd2_recipe(tiny_recipe)
+    # No "!": with SD2's pad token "!", transformers reads a literal "!" as the pad token (id 0) where
+    # open_clip reads "!</w>" (256); diffusers' SD2 pipelines share that quirk.
+    prompts = [PROMPT, "", "A photo of an astronaut riding a horse, 4k, trending on artstation."]
+    pad_id = 49407 if family == "sd1" else 0
+    ours = ClipTokenizer.from_file(peer.open_clip_vocab_file())(prompts, pad_id, 77).ids
+    theirs = peer.clip_tokenizer(recipe)(prompts, padding="max_length", max_length=77, truncation=True,
+                                         return_tensors="np").input_ids
+    np.testing.assert_array_equal(ours, theirs)
