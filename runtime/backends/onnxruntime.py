@@ -36,9 +36,6 @@ class OnnxRuntimeRunner:
                  threads: int | None = None):
         ort = import_onnxruntime()
         options = ort.SessionOptions()
-        # Idle pool threads spin-wait by default; between the host loop's short calls they compete
-        # with it for the cores (measured 2× slower end to end on the tiny recipe on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(graph), options, providers=providers or default_providers())
