@@ -127,6 +127,11 @@ class Manifest:
         """Pixels per latent cell: 2^(number of VAE levels − 1)."""
         return 2 ** (len(self.recipe["vae"]["ch_mult"]) - 1)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this: pixels per latent cell × 2 per UNet level."""
+        return self.vae_scale * 2 ** (len(self.recipe["unet"]["channel_mult"]) - 1)
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["components"] = {n: c.to_dict() for n, c in self.components.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from sdrun import __version__
-from sdrun.errors import UserError, run_cli
+from sdrun.errors import run_cli
 
 BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt", "torch")
 

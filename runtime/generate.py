@@ -12,7 +12,7 @@ from sdrun.backends.base import StageTimer
 from sdrun.bundle import read_manifest, require_components
 from sdrun.errors import UserError
 from sdrun.images import output_paths, parameters_text, read_image, write_png
-from sdrun.pipeline import GenerationRequest, Pipeline, complete_request, needed_components, size_multiple
+from sdrun.pipeline import GenerationRequest, Pipeline, complete_request, needed_components
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ def timing_table(timer: StageTimer, steps: int | None, load_seconds: float) -> s
 
 
 def _request(job: GenerateJob, manifest) -> GenerationRequest:
-    image = read_image(job.image, job.width, job.height, size_multiple(manifest)) if job.image else None
+    image = read_image(job.image, job.width, job.height, manifest.size_multiple) if job.image else None
     height = job.height or (image.shape[2] if image is not None else None)
     width = job.width or (image.shape[3] if image is not None else None)
     request = GenerationRequest(

@@ -185,15 +185,10 @@ def complete_request(request: GenerationRequest, manifest: Manifest) -> Generati
     return filled
 
 
-def size_multiple(manifest: Manifest) -> int:
-    """Image sizes must be multiples of this: 8 pixels per latent cell × 2 per UNet level."""
-    return manifest.vae_scale * 2 ** (len(manifest.recipe["unet"]["channel_mult"]) - 1)
-
-
 def validate_request(request: GenerationRequest, manifest: Manifest, img2img: bool) -> None:
     recipe = manifest.recipe
     shapes = recipe["shapes"]
-    multiple = size_multiple(manifest)
+    multiple = manifest.size_multiple
     if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
         raise UserError("steps must be a positive integer.", got=repr(request.steps), fix="e.g. --steps 50")
     for axis, value in (("height", request.height), ("width", request.width)):

@@ -8,8 +8,7 @@ runners; the loop, classifier-free guidance and the sampler update live here and
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -55,10 +54,3 @@ class StageTimer:
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
         self.counts[stage] = self.counts.get(stage, 0) + 1
-
-    def timed(self, stage: str, call: Callable, *args):
-        start = time.perf_counter()
-        result = call(*args)
-        self.add(stage, time.perf_counter() - start)
-        return result
-
