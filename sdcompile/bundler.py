@@ -7,7 +7,6 @@ previous bundle intact and no half-written files.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ import torch
 from sdcompile.components import component_spec, selected_components
 from sdcompile.components.spec import dim_multiples, input_profile, trace_binding, verify_binding
 from sdcompile.export import name_io_dims, onnx_from_module, save_model
+from sdcompile.fingerprint import models_sha256
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.passes import default_passes, optimize_model
 from sdcompile.passes.step_fusion import wrapper_node_names
@@ -182,17 +182,6 @@ def _verify(name: str, module: torch.nn.Module, inputs: dict, graph: Path, preci
                             if precision is Precision.FP16 else "report this graph; export with --no-verify to inspect it")
         results.append(dataclasses.asdict(gate))
     return results
-
-
-def models_sha256(models) -> str:
-    """Content hash of every weight (name, dtype, shape, bytes) of the three models."""
-    digest = hashlib.sha256()
-    for part in ("unet", "vae", "text_encoder"):
-        for key, tensor in sorted(getattr(models, part).state_dict().items()):
-            tensor = tensor.detach().contiguous().cpu()
-            digest.update(f"{part}.{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def tool_versions() -> dict:

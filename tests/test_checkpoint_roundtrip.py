@@ -1,12 +1,12 @@
 """Full-size SD 1.5 with random weights survives writing and reading ldm single files bit for bit."""
 from __future__ import annotations
 
-import hashlib
 import time
 
 import pytest
 import torch
 
+from sdcompile.fingerprint import tensor_fingerprint
 from sdcompile.recipes import load_recipe
 from sdcompile.weights import RandomWeights, ldm_state_dict, load_models, save_ldm_checkpoint
 
@@ -18,11 +18,7 @@ RANDOM_INIT_SECONDS = 120  # generous bound for ~1.07e9 parameters on 2 CPU core
 
 def fingerprints(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """key -> dtype, shape and sha256 of the bytes, so the models can be freed before reloading."""
-    prints = {}
-    for key, value in state.items():
-        data = value.contiguous().view(torch.uint8).numpy().tobytes() if value.numel() else b""
-        prints[key] = f"{value.dtype}:{tuple(value.shape)}:{hashlib.sha256(data).hexdigest()}"
-    return prints
+    return {key: tensor_fingerprint(value) for key, value in state.items()}
 
 
 def test_full_size_sd15_round_trips_bit_exactly(tmp_path):

@@ -41,3 +41,19 @@ def test_sd15_fp16_components_pass_their_gates_with_islands_only(sd15_fp16_bundl
         print(name, [(g["statistic"], g["value"]) for g in gates])
         assert all(g["passed"] for g in gates)
         assert summary["components"][name]["precision"]["fp32_outside_islands"] == []
+
+
+@pytest.mark.parametrize("recipe", ["sd21", "sd21-base"])
+def test_sd2_text_encoder_exports_through_the_cli(tmp_path, recipe):
+    """The SD 2.x text tower carries a 0-dim `logit_scale`; the weights hash and export must take it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "bundle"
+    command = [str(Path(sys.executable).parent / "sdcompile"), "export", "--recipe", recipe, "--random-weights",
+               "--component", "text_encoder", "--out", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    gates = read_manifest(out).components["text_encoder"].report["verification"]
+    assert all(g["passed"] for g in gates), gates

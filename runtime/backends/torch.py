@@ -31,7 +31,7 @@ def torch_runners(bundle: Path, manifest: Manifest, components: list[str]) -> di
     try:
         import torch  # noqa: F401
 
-        from sdcompile.bundler import models_sha256
+        from sdcompile.fingerprint import models_sha256
         from sdcompile.components import component_spec
         from sdcompile.recipes import recipe_from_dict
         from sdcompile.weights import RandomWeights, load_models
