@@ -98,38 +98,35 @@ def scheduler_config(recipe) -> dict:
 # --- weights ----------------------------------------------------------------------------------------------
 
 
-def diffusers_unet(models, recipe):
-    """diffusers' UNet holding our UNet's weights, renamed by diffusers' ldm converter (strict load)."""
+def diffusers_unet(ldm: dict, recipe):
+    """diffusers' UNet holding the UNet weights of an ldm single-file state dict, renamed by diffusers'
+    own converter (strict load)."""
     _, diffusers, _ = import_peer_packages()
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from sdcompile.weights import ldm_state_dict
 
     config = unet_config(recipe)
     unet = diffusers.UNet2DConditionModel(**config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(ldm_state_dict(models), config), strict=True)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ldm, config), strict=True)
     return unet.eval().requires_grad_(False)
 
 
-def diffusers_vae(models, recipe):
-    """diffusers' AutoencoderKL holding our VAE's weights (strict load)."""
+def diffusers_vae(ldm: dict, recipe):
+    """diffusers' AutoencoderKL holding the VAE weights of an ldm state dict (strict load)."""
     _, diffusers, _ = import_peer_packages()
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    from sdcompile.weights import ldm_state_dict
 
     config = vae_config(recipe)
     vae = diffusers.AutoencoderKL(**config)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(ldm_state_dict(models), config), strict=True)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ldm, config), strict=True)
     return vae.eval().requires_grad_(False)
 
 
-def hf_text_encoder(models, recipe):
-    """transformers' CLIPTextModel holding our text encoder's weights (OpenCLIP converted for SD2)."""
+def hf_text_encoder(ldm: dict, recipe):
+    """transformers' CLIPTextModel holding the text weights of an ldm state dict (OpenCLIP converted for SD2)."""
     _, _, transformers = import_peer_packages()
     from sdcompile.recipes import TextEncoderKind
-    from sdcompile.weights import ldm_state_dict
 
     encoder = transformers.CLIPTextModel(text_config(recipe, transformers))
-    ldm = ldm_state_dict(models)
     if recipe.text_encoder.kind is TextEncoderKind.CLIP:
         from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
@@ -206,16 +203,23 @@ def clip_vocabulary(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
 # --- pipeline --------------------------------------------------------------------------------------------
 
 
-def diffusers_pipeline_from_models(models, recipe):
-    """A `StableDiffusionPipeline` (fp32, CPU) on the same weights as `models` (our ldm-layout models)."""
+def diffusers_pipeline(ldm: dict, recipe):
+    """A `StableDiffusionPipeline` (fp32, CPU) on the weights of an ldm single-file state dict."""
     _, diffusers, _ = import_peer_packages()
     pipe = diffusers.StableDiffusionPipeline(
-        vae=diffusers_vae(models, recipe), text_encoder=hf_text_encoder(models, recipe),
-        tokenizer=clip_tokenizer(recipe), unet=diffusers_unet(models, recipe),
+        vae=diffusers_vae(ldm, recipe), text_encoder=hf_text_encoder(ldm, recipe),
+        tokenizer=clip_tokenizer(recipe), unet=diffusers_unet(ldm, recipe),
         scheduler=diffusers.DDIMScheduler(**scheduler_config(recipe)),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def diffusers_pipeline_from_models(models, recipe):
+    """The same pipeline on the weights of our ldm-layout models."""
+    from sdcompile.weights import ldm_state_dict
+
+    return diffusers_pipeline(ldm_state_dict(models), recipe)
 
 
 def run_peer(pipe, prompt: str, negative: str, steps: int, guidance: float, init_noise: np.ndarray,

@@ -41,7 +41,7 @@ def unet_step_feeds(recipe, steps: int | None, seed: int) -> dict[str, np.ndarra
 def unet_step_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], engine_sets: list[EngineSet],
                         log: Callable[[str], None]) -> tuple[UNetStepResult, ...]:
     from sdcompile.components import component_spec
-    from sdcompile.weights import RandomWeights, load_models
+    from sdcompile.weights import RandomWeights, ldm_state_dict, load_models
     from sdrun.backends.torch import TorchRunner
     from sdrun.bundle import read_manifest
 
@@ -57,7 +57,7 @@ def unet_step_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], e
                        gated=False)]
     del eager
     start = time.perf_counter()
-    runner = peer.DiffusersUNetRunner(peer.diffusers_unet(models, recipe))
+    runner = peer.DiffusersUNetRunner(peer.diffusers_unet(ldm_state_dict(models), recipe))
     del models
     results.append(measure("diffusers (eager fp32)", "fp32", runner, time.perf_counter() - start, feeds, reference,
                            config, log))

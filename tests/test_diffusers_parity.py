@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdcompile.recipes import (Family, Recipe, TextActivation, TextEncoderKind, TextOutputLayer, TokenizerPadding,
-                               load_recipe)
 from sdcompile import diffusers_layout
+from sdcompile.recipes import Recipe, TextEncoderKind, TextOutputLayer, load_recipe
 from sdcompile.weights import Component, build_models, load_models, randomize_parameters_
 
 diffusers = pytest.importorskip("diffusers")
@@ -33,18 +32,6 @@ class ParityInputs:
     context: torch.Tensor  # (B, 77, context_dim)
     images: torch.Tensor  # (1, 3, H, W) in [-1, 1]
     input_ids: torch.Tensor  # (B, 77)
-
-
-def tiny_sd2_recipe() -> Recipe:
-    """The tiny recipe with SD2's structure: linear transformer projections, heads of fixed width,
-    an OpenCLIP text encoder (exact GELU, penultimate layer) of another width than SD1-tiny's."""
-    tiny = load_recipe("tiny")
-    text = dataclasses.replace(tiny.text_encoder, kind=TextEncoderKind.OPENCLIP, width=48, heads=3, layers=3,
-                               activation=TextActivation.GELU, output_layer=TextOutputLayer.PENULTIMATE,
-                               padding=TokenizerPadding.ZERO)
-    unet = dataclasses.replace(tiny.unet, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True,
-                               context_dim=48)
-    return dataclasses.replace(tiny, name="tiny-sd2", family=Family.SD2, unet=unet, text_encoder=text)
 
 
 # --- diffusers / transformers models equivalent to a recipe ---------------------------------------------
@@ -169,7 +156,7 @@ def test_tiny_sd1_pipeline_folder_matches_diffusers(tmp_path, tiny_recipe):
 
 
 def test_tiny_sd2_pipeline_folder_matches_diffusers(tmp_path):
-    recipe = tiny_sd2_recipe()
+    recipe = load_recipe("tiny-v")
     models = check_pipeline_parity(recipe, tmp_path, latent_size=8, image_size=64)
     filled = {key for group in models.report.filled for key in group.examples}
     assert "model.text_projection" in filled and "model.logit_scale" in filled
@@ -233,7 +220,7 @@ def filled_on_load(key: str, recipe: Recipe) -> bool:
 @pytest.mark.parametrize("wrapper", ["", "text_model."])
 def test_hf_text_layouts_with_and_without_text_model_wrapper(tiny_recipe, wrapper):
     """transformers < 5 saved `text_model.…` keys, later versions flattened them; both convert alike."""
-    sd2 = tiny_sd2_recipe()
+    sd2 = load_recipe("tiny-v")
     for recipe in (tiny_recipe, sd2):
         state = {wrapper + key: value for key, value in hf_text_encoder(recipe).state_dict().items()}
         converted = diffusers_layout.text_from_hf(state, recipe.text_encoder)

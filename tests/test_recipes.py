@@ -8,7 +8,7 @@ from sdrun.errors import UserError
 
 
 def test_builtin_recipes_load():
-    assert available_recipes() == ["sd15", "sd21", "sd21-base", "tiny"]
+    assert available_recipes() == ["sd15", "sd21", "sd21-base", "tiny", "tiny-v"]
     for name in available_recipes():
         assert load_recipe(name).name == name
 

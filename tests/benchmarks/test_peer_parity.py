@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from sdcompile.recipes import load_recipe
 from sdrun.metrics import compare, psnr, ssim
 
 pytest.importorskip("diffusers")
@@ -102,31 +103,17 @@ def test_step_fused_matches_plain_unet(tiny_bundle, backend):
 # --- the peer's own conversion -----------------------------------------------------------------------------
 
 
-def tiny_sd2_recipe(tiny):
-    """The tiny recipe with SD2's structure: OpenCLIP text tower (GELU, penultimate layer, zero padding),
-    linear transformer projections, heads of fixed width, v prediction."""
-    from sdcompile.recipes import (Family, Parameterization, TextActivation, TextEncoderKind, TextOutputLayer,
-                                   TokenizerPadding)
-
-    text = dataclasses.replace(tiny.text_encoder, kind=TextEncoderKind.OPENCLIP, width=48, heads=3, layers=3,
-                               activation=TextActivation.GELU, output_layer=TextOutputLayer.PENULTIMATE,
-                               padding=TokenizerPadding.ZERO)
-    unet = dataclasses.replace(tiny.unet, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True,
-                               context_dim=48)
-    return dataclasses.replace(tiny, name="tiny-sd2", family=Family.SD2, parameterization=Parameterization.V,
-                               unet=unet, text_encoder=text)
-
-
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_peer_components_equal_our_models(tiny_recipe, family):
     """diffusers' converters put our weights into models that compute what ours do (rel L2 <= 1e-5)."""
     import torch
 
     from benchmarks import peer
-    from sdcompile.weights import RandomWeights, load_models
+    from sdcompile.weights import RandomWeights, ldm_state_dict, load_models
 
-    recipe = tiny_recipe if family == "sd1" else tiny_sd2_recipe(tiny_recipe)
+    recipe = tiny_recipe if family == "sd1" else load_recipe("tiny-v")
     models = load_models(recipe, RandomWeights(3))
+    ldm = ldm_state_dict(models)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, recipe.text_encoder.vocab_size, (2, 77), generator=generator)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
@@ -134,10 +121,10 @@ def test_peer_components_equal_our_models(tiny_recipe, family):
     timesteps = torch.tensor([1.0, 981.0])
     with torch.no_grad():
         pairs = {
-            "text": (models.text_encoder(ids), peer.hf_text_encoder(models, recipe)(ids).last_hidden_state),
+            "text": (models.text_encoder(ids), peer.hf_text_encoder(ldm, recipe)(ids).last_hidden_state),
             "unet": (models.unet(latents, timesteps, context),
-                     peer.diffusers_unet(models, recipe)(latents, timesteps, encoder_hidden_states=context).sample),
-            "vae": (models.vae.decode(latents), peer.diffusers_vae(models, recipe).decode(latents).sample),
+                     peer.diffusers_unet(ldm, recipe)(latents, timesteps, encoder_hidden_states=context).sample),
+            "vae": (models.vae.decode(latents), peer.diffusers_vae(ldm, recipe).decode(latents).sample),
         }
     for name, (ours, theirs) in pairs.items():
         error = compare(ours.numpy(), theirs.numpy()).rel_l2
@@ -149,7 +136,7 @@ def test_peer_tokenizer_gives_our_token_ids(tiny_recipe, family):
     from benchmarks import peer
     from sdrun.tokenizer import ClipTokenizer
 
-    recipe = tiny_recipe if family == "sd1" else tiny_sd2_recipe(tiny_recipe)
+    recipe = tiny_recipe if family == "sd1" else load_recipe("tiny-v")
     # No "!": with SD2's pad token "!", transformers reads a literal "!" as the pad token (id 0) where
     # open_clip reads "!</w>" (256); diffusers' SD2 pipelines share that quirk.
     prompts = [PROMPT, "", "A photo of an astronaut riding a horse, 4k, trending on artstation."]
