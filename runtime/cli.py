@@ -7,14 +7,15 @@ from pathlib import Path
 import click
 
 from sdrun import __version__
-from sdrun.errors import run_cli
+from sdrun.errors import debug_option, run_cli
 
 BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="sdrun", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sdrun")
-def cli() -> None:
+@debug_option()
+def cli(debug) -> None:
     """Run Stable Diffusion from a bundle made by `sdcompile export`.
 
     \b

@@ -10,7 +10,7 @@ import numpy as np
 
 from sdrun.backends.base import StageTimer
 from sdrun.bundle import read_manifest, require_components
-from sdrun.errors import UserError
+from sdrun.errors import UserError, stage
 from sdrun.images import output_paths, parameters_text, read_image, write_png
 from sdrun.pipeline import GenerationRequest, Pipeline, complete_request, needed_components
 
@@ -45,8 +45,10 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     require_components(manifest, components, job.bundle)
     backend = resolve_backend(job.backend, job.bundle, manifest, components, echo)
     options = {"threads": job.threads} if backend == "onnxruntime" and job.threads else {}
-    pipeline = Pipeline(job.bundle, backend, img2img=job.image is not None, **options)
-    result = pipeline.generate(request, on_step=progress)
+    with stage(f"loading the {backend} backend"):
+        pipeline = Pipeline(job.bundle, backend, img2img=job.image is not None, **options)
+    with stage("generating"):
+        result = pipeline.generate(request, on_step=progress)
     for dropped in set(result.dropped_tokens) - {0}:
         echo(f"warning: the prompt is longer than {manifest.tokenizer['context_length']} tokens; "
              f"{dropped} tokens were dropped")
@@ -55,8 +57,9 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     text = parameters_text(final.prompt, final.negative_prompt, final.steps, final.guidance, final.seed,
                            final.width, final.height, manifest.weights_sha256, manifest.recipe["name"],
                            {"Backend": backend, **({"Denoising strength": final.strength} if job.image else {})})
-    for path, image in zip(paths, result.images):
-        write_png(path, image, text)
+    with stage("writing the PNG"):
+        for path, image in zip(paths, result.images):
+            write_png(path, image, text)
     if not job.quiet:
         echo(timing_table(result.timer, final.steps if job.image is None else None, pipeline.load_seconds))
     return paths

@@ -29,7 +29,7 @@ from sdcompile.verify import check_output
 from sdcompile.weights import RandomWeights, load_models
 from sdrun.bundle import (MANIFEST_NAME, ComponentRecord, Manifest, read_manifest, sha256_file,
                           write_json_atomic)
-from sdrun.errors import UserError
+from sdrun.errors import UserError, stage
 
 TOKENIZER_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 END_OF_TEXT_ID = 49407
@@ -58,8 +58,9 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
     previous = _previous_bundle(out, config.force)
     _check_writable(out.parent)
     log(f"loading {config.recipe.name} weights ({_describe_source(config.source)})")
-    models = load_models(config.recipe, config.source, attention=config.attention)
-    weights_hash = models_sha256(models)
+    with stage("loading the weights"):
+        models = load_models(config.recipe, config.source, attention=config.attention)
+        weights_hash = models_sha256(models)
     source = _source_record(config.source)
     if previous and not config.force:
         _check_same_origin(previous, config.recipe, weights_hash, out)
@@ -67,7 +68,8 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
     try:
         records = _kept_components(previous, out, staging, names) if previous and not config.force else {}
         for name in names:
-            records[name] = _export_component(name, models, config, staging, records, log)
+            with stage(f"exporting {name}"):
+                records[name] = _export_component(name, models, config, staging, records, log)
         manifest = Manifest(recipe=config.recipe.to_dict(), source=source, weights_sha256=weights_hash,
                             tokenizer=_copy_tokenizer(config.recipe, staging), components=records,
                             tools=tool_versions())

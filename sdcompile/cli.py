@@ -12,12 +12,13 @@ import click
 from sdcompile import __version__
 from sdcompile.options import DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.cli_trt import register as register_trt
-from sdrun.errors import UserError, run_cli
+from sdrun.errors import UserError, debug_option, run_cli
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="sdcompile", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sdcompile")
-def cli() -> None:
+@debug_option()
+def cli(debug) -> None:
     """Compile Stable Diffusion checkpoints into verified ONNX graphs and TensorRT engines.
 
     \b
