@@ -1,7 +1,9 @@
-"""Graph passes over ONNX models, each a pure function of an onnx-graphsurgeon graph.
+"""Graph passes over ONNX models, one module each, with one contract:
+`run(model, options: PassOptions) -> PassResult(model, report)`, the input model left as it was
+and the report the pass's own frozen dataclass.
 
 `PASSES` maps the names the CLI accepts to the passes; `optimize_model` runs a list of them in
-order on a ModelProto and returns the new model with each pass's report as plain data.
+order and returns the new model with each pass's report as plain data.
 """
 from __future__ import annotations
 
@@ -10,19 +12,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import onnx
-import onnx_graphsurgeon as gs
 
+from sdcompile.graph.fp16_policy import Fp16Options, IoDtype
+from sdcompile.graph.pass_result import PassResult
+from sdcompile.graph.reports import plain_data
+from sdcompile.graph.shape_inference import check_model_types
 from sdcompile.options import AttentionTarget, Precision
-from sdcompile.passes.cleanup import CleanupOptions, CleanupReport, cleanup
-from sdcompile.passes.fp16 import Fp16Report, Fp16Result, cast_to_fp16
-from sdcompile.passes.fp16_audit import PrecisionAudit, audit_precision
-from sdcompile.passes.fp16_policy import DEFAULT_FP32_OP_TYPES, Fp16Options, IoDtype
-from sdcompile.passes.fused_attention import (AttentionOptions, AttentionReport, AttentionResult,
-                                              fuse_attention)
-from sdcompile.passes.reports import plain_data
-from sdcompile.passes.shape_inference import check_model_types, infer_shapes
-from sdcompile.passes.step_fusion import step_fused_unet, wrapper_node_names
-from sdcompile.passes.summary import graph_summary
+from sdcompile.passes import cleanup, fp16, fused_attention, step_fusion
+from sdcompile.passes.cleanup import CleanupOptions
+from sdcompile.passes.fused_attention import AttentionOptions
 from sdrun.errors import UserError
 
 
@@ -34,38 +32,11 @@ class PassOptions:
     fp16: Fp16Options | None = None
 
 
-@dataclass(frozen=True)
-class PassResult:
-    graph: gs.Graph
-    report: object  # the pass's report dataclass
-
-
-def _run_cleanup(graph: gs.Graph, options: PassOptions) -> PassResult:
-    cleaned = cleanup(graph, options.cleanup)
-    return PassResult(cleaned, CleanupReport(nodes_before=len(graph.nodes),
-                                             nodes_after=len(cleaned.nodes)))
-
-
-def _run_fuse_attention(graph: gs.Graph, options: PassOptions) -> PassResult:
-    result = fuse_attention(graph, options.attention)
-    return PassResult(result.graph, result.report)
-
-
-def _run_fp16(graph: gs.Graph, options: PassOptions) -> PassResult:
-    result = cast_to_fp16(graph, options.fp16)
-    return PassResult(result.graph, result.report)
-
-
-def _run_step_fusion(graph: gs.Graph, options: PassOptions) -> PassResult:
-    fused = step_fused_unet(gs.export_onnx(graph))
-    return PassResult(gs.import_onnx(fused), {"fp32_node_names": wrapper_node_names(fused)})
-
-
-PASSES: dict[str, Callable[[gs.Graph, PassOptions], PassResult]] = {
-    "cleanup": _run_cleanup,
-    "fuse-attention": _run_fuse_attention,
-    "fp16": _run_fp16,
-    "step-fusion": _run_step_fusion,
+PASSES: dict[str, Callable[[onnx.ModelProto, PassOptions], PassResult]] = {
+    "cleanup": cleanup.run,
+    "fuse-attention": fused_attention.run,
+    "fp16": fp16.run,
+    "step-fusion": step_fusion.run,
 }
 
 
@@ -83,17 +54,20 @@ def _check_names(passes: Sequence[str]) -> None:
                         got=", ".join(passes), fix="choose pass names from the expected list")
 
 
-def _model_from_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    model = gs.export_onnx(graph)
-    model.doc_string = like.doc_string
-    model.metadata_props.extend(like.metadata_props)
-    return model
-
-
 def _with_target(options: PassOptions, target: AttentionTarget | None) -> PassOptions:
     if target is None:
         return options
     return replace(options, attention=replace(options.attention or AttentionOptions(), target=target))
+
+
+def run_pass(name: str, model: onnx.ModelProto,
+             options: PassOptions | None = None) -> tuple[onnx.ModelProto, dict]:
+    """The pass called `name` on `model` (not modified): the new model, and the pass's report as
+    plain data with its wall time in "seconds"."""
+    _check_names([name])
+    start = time.perf_counter()
+    result = PASSES[name](model, options or PassOptions())
+    return result.model, {**plain_data(result.report), "seconds": round(time.perf_counter() - start, 2)}
 
 
 def optimize_model(model: onnx.ModelProto, passes: Sequence[str],
@@ -107,21 +81,14 @@ def optimize_model(model: onnx.ModelProto, passes: Sequence[str],
     """
     _check_names(passes)
     options = _with_target(options or PassOptions(), attention_target)
-    graph, reports = gs.import_onnx(model), {}
+    optimized, reports = model, {}
     for name in passes:
-        start = time.perf_counter()
-        result = PASSES[name](graph, options)
-        graph = result.graph
-        reports[name] = {**plain_data(result.report), "seconds": round(time.perf_counter() - start, 2)}
-    optimized = _model_from_graph(graph, model)
+        optimized, reports[name] = run_pass(name, optimized, options)
     check_model_types(optimized)
     return optimized, reports
 
 
 __all__ = [
-    "PASSES", "PassOptions", "PassResult", "default_passes", "optimize_model", "graph_summary",
-    "cleanup", "CleanupOptions", "CleanupReport",
-    "fuse_attention", "AttentionOptions", "AttentionTarget", "AttentionReport", "AttentionResult",
-    "cast_to_fp16", "Fp16Options", "IoDtype", "Fp16Report", "Fp16Result", "DEFAULT_FP32_OP_TYPES",
-    "audit_precision", "PrecisionAudit", "check_model_types", "infer_shapes", "plain_data",
+    "PASSES", "PassOptions", "PassResult", "default_passes", "optimize_model", "run_pass",
+    "CleanupOptions", "AttentionOptions", "AttentionTarget", "Fp16Options", "IoDtype",
 ]

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import onnx
 import onnx_graphsurgeon as gs
 
-from sdcompile.passes.shape_inference import with_inferred_shapes
-from sdcompile.passes.surgery import copy_graph
+from sdcompile.graph.pass_result import PassResult, model_from_graph
+from sdcompile.graph.shape_inference import with_inferred_shapes
+from sdcompile.graph.surgery import copy_graph
+
+if TYPE_CHECKING:
+    from sdcompile.passes import PassOptions
 
 # Folded tensors above this size stay computed at run time (Expand/Tile of a constant would
 # otherwise bloat the file).
@@ -36,3 +42,10 @@ def cleanup(graph: gs.Graph, options: CleanupOptions | None = None) -> gs.Graph:
     g.fold_constants(partitioning="basic", size_threshold=threshold)
     g.cleanup().toposort()
     return with_inferred_shapes(g)
+
+
+def run(model: onnx.ModelProto, options: PassOptions) -> PassResult:
+    graph = gs.import_onnx(model)
+    cleaned = cleanup(graph, options.cleanup)
+    report = CleanupReport(nodes_before=len(graph.nodes), nodes_after=len(cleaned.nodes))
+    return PassResult(model_from_graph(cleaned, model), report)

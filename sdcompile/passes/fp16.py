@@ -13,19 +13,25 @@ pairs already in the graph are merged or cancelled.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from sdcompile.passes.dtypes import (FLOAT_TYPES, INTEGER_TYPES, DTYPE_ATTRIBUTE_OPS,
-                                     allowed_dtypes, formal_input_type, node_schema, numpy_dtype,
-                                     onnx_dtype, output_dtypes, tensor_dtypes, tied_float_inputs,
-                                     topological_order)
-from sdcompile.passes.fp16_audit import PrecisionAudit, audit_precision
-from sdcompile.passes.fp16_policy import Fp16Options, IoDtype, fp32_island_nodes
-from sdcompile.passes.shape_inference import check_model_types
-from sdcompile.passes.surgery import NameSource, copy_graph, producer, replace_uses
+from sdcompile.graph.dtypes import (FLOAT_TYPES, INTEGER_TYPES, DTYPE_ATTRIBUTE_OPS,
+                                    allowed_dtypes, formal_input_type, node_schema, numpy_dtype,
+                                    onnx_dtype, output_dtypes, tensor_dtypes, tied_float_inputs,
+                                    topological_order)
+from sdcompile.graph.fp16_policy import Fp16Options, IoDtype, fp32_island_nodes
+from sdcompile.graph.pass_result import GraphResult, PassResult, model_from_graph
+from sdcompile.graph.shape_inference import check_model_types
+from sdcompile.graph.surgery import NameSource, copy_graph, producer, replace_uses
+from sdcompile.inspection.fp16_audit import PrecisionAudit, audit_precision
+
+if TYPE_CHECKING:
+    from sdcompile.passes import PassOptions
 
 FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -41,12 +47,6 @@ class Fp16Report:
     io_dtype: IoDtype
     casts: int                 # Cast nodes in the result (borders of islands and I/O)
     precision: PrecisionAudit  # fp16/fp32 compute-node counts of the result
-
-
-@dataclass(frozen=True)
-class Fp16Result:
-    graph: gs.Graph
-    report: Fp16Report
 
 
 def fp16_values(values: np.ndarray) -> np.ndarray:
@@ -226,10 +226,7 @@ def merge_casts(graph: gs.Graph, dtypes: dict[str, int]) -> int:
     return removed
 
 
-def cast_to_fp16(graph: gs.Graph, options: Fp16Options | None = None) -> Fp16Result:
-    """fp16 compute outside the fp32 islands; `graph` itself is not modified. The result is
-    checked with `onnx.checker.check_model(full_check=True)`."""
-    options = options or Fp16Options()
+def _cast_graph(graph: gs.Graph, options: Fp16Options) -> GraphResult:
     g = copy_graph(graph)
     inline_constant_nodes(g)
     original = tensor_dtypes(g)
@@ -243,7 +240,21 @@ def cast_to_fp16(graph: gs.Graph, options: Fp16Options | None = None) -> Fp16Res
     _retype_graph_outputs(g, options.io_dtype, casts, original)
     merge_casts(g, dtypes)
     g.cleanup(remove_unused_graph_inputs=False).toposort()
-    check_model_types(gs.export_onnx(g))
     report = Fp16Report(io_dtype=options.io_dtype, casts=sum(1 for n in g.nodes if n.op == "Cast"),
                         precision=audit_precision(g, options))
-    return Fp16Result(g, report)
+    return GraphResult(g, report)
+
+
+def cast_to_fp16(graph: gs.Graph, options: Fp16Options | None = None) -> GraphResult:
+    """fp16 compute outside the fp32 islands; `graph` itself is not modified. The result is
+    checked with `onnx.checker.check_model(full_check=True)`."""
+    result = _cast_graph(graph, options or Fp16Options())
+    check_model_types(gs.export_onnx(result.graph))
+    return result
+
+
+def run(model: onnx.ModelProto, options: PassOptions) -> PassResult:
+    result = _cast_graph(gs.import_onnx(model), options.fp16 or Fp16Options())
+    cast = model_from_graph(result.graph, model)
+    check_model_types(cast)
+    return PassResult(cast, result.report)

@@ -11,19 +11,25 @@ Targets:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from sdcompile.options import AttentionTarget
-from sdcompile.passes.attention_match import (IDENTITY_4D, AttentionKind, AttentionMatch,
-                                              UnmatchedAttention, count_fused_attention,
-                                              find_attention)
-from sdcompile.passes.opset import upgrade_opset_in_place
-from sdcompile.passes.shape_inference import has_unknown_shapes, with_inferred_shapes
-from sdcompile.passes.surgery import (NameSource, compose_perms, copy_graph, is_identity_perm,
-                                      producer_op, same_dim, sole_consumer, static_dim)
+from sdcompile.graph.attention_match import (IDENTITY_4D, AttentionKind, AttentionMatch,
+                                             UnmatchedAttention, count_fused_attention,
+                                             find_attention)
+from sdcompile.graph.opset import upgrade_opset_in_place
+from sdcompile.graph.pass_result import GraphResult, PassResult, model_from_graph
+from sdcompile.graph.shape_inference import has_unknown_shapes, with_inferred_shapes
+from sdcompile.graph.surgery import (NameSource, compose_perms, copy_graph, is_identity_perm,
+                                     producer_op, same_dim, sole_consumer, static_dim)
 from sdrun.errors import UserError
+
+if TYPE_CHECKING:
+    from sdcompile.passes import PassOptions
 
 ATTENTION_OPSET = 23
 MHA_DOMAIN = "com.microsoft"
@@ -58,12 +64,6 @@ class AttentionReport:
     @property
     def fused(self) -> int:
         return self.self_attention.fused + self.cross_attention.fused
-
-
-@dataclass(frozen=True)
-class AttentionResult:
-    graph: gs.Graph
-    report: AttentionReport
 
 
 def _target_opset(options: AttentionOptions) -> int:
@@ -217,7 +217,7 @@ def _count(matches, fused_names, predicate) -> AttentionCount:
     return AttentionCount(found=len(chosen), fused=sum(1 for m in chosen if m.name in fused_names))
 
 
-def fuse_attention(graph: gs.Graph, options: AttentionOptions | None = None) -> AttentionResult:
+def fuse_attention(graph: gs.Graph, options: AttentionOptions | None = None) -> GraphResult:
     """Fuse every decomposed attention in `graph` (not modified) into the chosen target op."""
     options = options or AttentionOptions()
     opset = _target_opset(options)
@@ -244,4 +244,9 @@ def fuse_attention(graph: gs.Graph, options: AttentionOptions | None = None) -> 
         cross_attention=_count(matches, fused, lambda m: m.kind is AttentionKind.CROSS),
         causal=_count(matches, fused, lambda m: m.causal),
         already_fused=already_fused, not_fused=tuple(skipped))
-    return AttentionResult(g, report)
+    return GraphResult(g, report)
+
+
+def run(model: onnx.ModelProto, options: PassOptions) -> PassResult:
+    result = fuse_attention(gs.import_onnx(model), options.attention)
+    return PassResult(model_from_graph(result.graph, model), result.report)

@@ -11,13 +11,26 @@ does no array math outside the graph.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import onnx
 from onnx import TensorProto, helper
+
+from sdcompile.graph.pass_result import PassResult
+
+if TYPE_CHECKING:
+    from sdcompile.passes import PassOptions
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 UNET_OUTPUT = "latent"
 STEP_INPUTS = ("sample", "timestep", "encoder_hidden_states", "guidance", "step_coefficients", "noise")
 _PREFIX = "unet_step/"
+
+
+@dataclass(frozen=True)
+class StepFusionReport:
+    fp32_node_names: tuple[str, ...]  # the nodes this pass added, see `wrapper_node_names`
 
 
 def step_fused_unet(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -78,6 +91,11 @@ def wrapper_node_names(model: onnx.ModelProto) -> list[str]:
     """The nodes this pass added: CFG and the sampler update, deliberately in fp32 (an fp32 island:
     the latent is accumulated over every step, so its update keeps full precision)."""
     return [n.name for n in model.graph.node if n.name.startswith(_PREFIX)]
+
+
+def run(model: onnx.ModelProto, options: PassOptions) -> PassResult:
+    fused = step_fused_unet(model)
+    return PassResult(fused, StepFusionReport(tuple(wrapper_node_names(fused))))
 
 
 def _check_conventional_io(model: onnx.ModelProto) -> None:

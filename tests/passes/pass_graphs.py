@@ -100,3 +100,26 @@ def attention_feeds(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarr
         dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
         feeds[graph_input.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
+
+
+def toy_unet(opset: int = 23) -> onnx.ModelProto:
+    """latent = 0.5·sample + t/1000 + mean over (tokens, channels) of the context, per batch item."""
+    nodes = [
+        helper.make_node("Mul", ["sample", "half"], ["scaled"]),
+        helper.make_node("Div", ["timestep", "thousand"], ["t_scaled"]),
+        helper.make_node("ReduceMean", ["encoder_hidden_states", "axes"], ["ctx_mean"], keepdims=1),
+        helper.make_node("Unsqueeze", ["ctx_mean", "last"], ["ctx4"]),
+        helper.make_node("Add", ["scaled", "t_scaled"], ["with_t"]),
+        helper.make_node("Add", ["with_t", "ctx4"], ["latent"]),
+    ]
+    inits = [helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
+             helper.make_tensor("thousand", TensorProto.FLOAT, [], [1000.0]),
+             helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+             helper.make_tensor("last", TensorProto.INT64, [1], [3])]
+    graph = helper.make_graph(
+        nodes, "toy_unet",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["cfg_batch", 4, "h", "w"]),
+         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, ["cfg_batch", 77, 8])],
+        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["cfg_batch", 4, "h", "w"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

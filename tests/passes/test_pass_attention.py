@@ -9,9 +9,9 @@ from onnx import TensorProto, helper
 from pass_graphs import (BATCH, HEADS, SEQ, attention_feeds, attention_model, model_of,
                          relative_l2, run_onnx)
 
-from sdcompile.passes import AttentionOptions, AttentionTarget, fuse_attention
-from sdcompile.passes.attention_match import AttentionKind, find_attention
-from sdcompile.passes.fused_attention import AttentionCount
+from sdcompile.graph.attention_match import AttentionKind, find_attention
+from sdcompile.passes import AttentionOptions, AttentionTarget
+from sdcompile.passes.fused_attention import AttentionCount, fuse_attention
 from sdrun.errors import UserError
 
 # Fusion only reorders float32 arithmetic inside one kernel.

@@ -14,7 +14,8 @@ from pass_graphs import relative_l2, run_onnx
 
 from sdcompile.models.attention import AttentionImpl, attention, merge_heads, split_heads
 from sdcompile.passes import (AttentionOptions, AttentionTarget, IoDtype, PassOptions, Fp16Options,
-                              fuse_attention, optimize_model)
+                              optimize_model)
+from sdcompile.passes.fused_attention import fuse_attention
 
 WIDTH, HEADS, SEQ, CONTEXT_SEQ = 8, 2, 5, 7
 FUSION_RTOL_L2 = 1e-5

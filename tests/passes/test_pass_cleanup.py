@@ -7,8 +7,8 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 from pass_graphs import model_of, run_onnx
 
-from sdcompile.passes import check_model_types, cleanup, infer_shapes
-from sdcompile.passes.shape_inference import with_inferred_shapes
+from sdcompile.graph.shape_inference import check_model_types, infer_shapes, with_inferred_shapes
+from sdcompile.passes.cleanup import cleanup
 
 FP32 = TensorProto.FLOAT
 

@@ -8,10 +8,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pass_graphs import attention_feeds, attention_model, model_of, relative_l2, run_onnx
 
-from sdcompile.passes import (Fp16Options, IoDtype, audit_precision, cast_to_fp16,
-                              fuse_attention)
-from sdcompile.passes.dtypes import tensor_dtypes
-from sdcompile.passes.fp16 import fp16_values, merge_casts
+from sdcompile.graph.dtypes import tensor_dtypes
+from sdcompile.inspection.fp16_audit import audit_precision
+from sdcompile.passes import Fp16Options, IoDtype
+from sdcompile.passes.fp16 import cast_to_fp16, fp16_values, merge_casts
+from sdcompile.passes.fused_attention import fuse_attention
 
 # fp16 rounds each stored activation and weight to 11 significant bits (2⁻¹¹ ≈ 5e-4); through
 # the ~10 ops of these graphs the output error stays well inside 5e-3 relative L2.

@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pass_graphs import model_of, run_onnx
 
-from sdcompile.passes import check_model_types
-from sdcompile.passes.opset import upgrade_opset_in_place
-from sdcompile.passes.surgery import copy_graph
+from sdcompile.graph.opset import upgrade_opset_in_place
+from sdcompile.graph.shape_inference import check_model_types
+from sdcompile.graph.surgery import copy_graph
 from sdrun.errors import UserError
 
 FP32 = TensorProto.FLOAT

@@ -1,15 +1,21 @@
-"""The pass registry, `optimize_model` and `graph_summary`."""
+"""The pass registry and its one contract, `optimize_model` and `graph_summary`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
+import onnx
 import pytest
-from pass_graphs import BATCH, SEQ, WIDTH, attention_feeds, attention_model, relative_l2, run_onnx
+from onnx import helper
+from pass_graphs import (BATCH, SEQ, WIDTH, attention_feeds, attention_model, relative_l2, run_onnx,
+                         toy_unet)
 
+from sdcompile.graph.reports import plain_data
+from sdcompile.inspection.summary import graph_summary
 from sdcompile.options import Precision
 from sdcompile.passes import (PASSES, AttentionOptions, AttentionTarget, Fp16Options, IoDtype,
-                              PassOptions, default_passes, graph_summary, optimize_model)
+                              PassOptions, PassResult, default_passes, optimize_model)
 from sdrun.errors import UserError
 
 FP16_RTOL_L2 = 5e-3
@@ -19,6 +25,27 @@ def test_registry_names_the_passes():
     assert list(PASSES) == ["cleanup", "fuse-attention", "fp16", "step-fusion"]
     assert default_passes(Precision.FP32) == ["cleanup", "fuse-attention"]
     assert default_passes(Precision.FP16) == ["cleanup", "fuse-attention", "fp16"]
+
+
+def _input_for(name: str) -> onnx.ModelProto:
+    model = toy_unet() if name == "step-fusion" else attention_model(causal=True)
+    model.doc_string = "made by the test"
+    helper.set_model_props(model, {"origin": "test"})
+    return model
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_every_pass_returns_a_new_model_and_a_frozen_report(name):
+    model = _input_for(name)
+    before = model.SerializeToString()
+    result = PASSES[name](model, PassOptions())
+    assert isinstance(result, PassResult) and isinstance(result.model, onnx.ModelProto)
+    assert model.SerializeToString() == before
+    assert dataclasses.is_dataclass(result.report) and type(result.report).__dataclass_params__.frozen
+    json.dumps(plain_data(result.report))
+    assert result.model.doc_string == "made by the test"
+    assert {p.key: p.value for p in result.model.metadata_props} == {"origin": "test"}
+    onnx.checker.check_model(result.model, full_check=True)
 
 
 def test_optimize_model_runs_passes_in_order_and_reports_each():

@@ -3,33 +3,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from pass_graphs import toy_unet
 
-from sdcompile.passes.step_fusion import step_fused_unet
+from sdcompile.passes import PassOptions
+from sdcompile.passes.step_fusion import StepFusionReport, run, step_fused_unet, wrapper_node_names
 from sdrun.errors import UserError
-
-
-def _toy_unet(opset: int = 23) -> onnx.ModelProto:
-    """latent = 0.5·sample + t/1000 + mean over (tokens, channels) of the context, per batch item."""
-    nodes = [
-        helper.make_node("Mul", ["sample", "half"], ["scaled"]),
-        helper.make_node("Div", ["timestep", "thousand"], ["t_scaled"]),
-        helper.make_node("ReduceMean", ["encoder_hidden_states", "axes"], ["ctx_mean"], keepdims=1),
-        helper.make_node("Unsqueeze", ["ctx_mean", "last"], ["ctx4"]),
-        helper.make_node("Add", ["scaled", "t_scaled"], ["with_t"]),
-        helper.make_node("Add", ["with_t", "ctx4"], ["latent"]),
-    ]
-    inits = [helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
-             helper.make_tensor("thousand", TensorProto.FLOAT, [], [1000.0]),
-             helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
-             helper.make_tensor("last", TensorProto.INT64, [1], [3])]
-    graph = helper.make_graph(
-        nodes, "toy_unet",
-        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["cfg_batch", 4, "h", "w"]),
-         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [1]),
-         helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, ["cfg_batch", 77, 8])],
-        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["cfg_batch", 4, "h", "w"])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def _toy_reference(sample, t, ctx):
@@ -43,7 +21,7 @@ def test_fused_step_equals_cfg_plus_linear_update():
     ctx = rng.standard_normal((4, 77, 8), dtype=np.float32)
     t, g = np.array([501.0], np.float32), 7.5
     coefficients = np.array([1.02, -0.2, 0.05], np.float32)
-    fused = step_fused_unet(_toy_unet())
+    fused = step_fused_unet(toy_unet())
     onnx.checker.check_model(fused, full_check=True)
     got = ort.InferenceSession(fused.SerializeToString()).run(None, {
         "sample": x, "timestep": t, "encoder_hidden_states": ctx, "guidance": np.array([g], np.float32),
@@ -55,7 +33,7 @@ def test_fused_step_equals_cfg_plus_linear_update():
 
 
 def test_fused_graph_io_and_input_untouched():
-    model = _toy_unet()
+    model = toy_unet()
     before = model.SerializeToString()
     fused = step_fused_unet(model)
     assert model.SerializeToString() == before
@@ -66,7 +44,7 @@ def test_fused_graph_io_and_input_untouched():
 
 
 def test_refuses_unconventional_io():
-    model = _toy_unet()
+    model = toy_unet()
     model.graph.output[0].name = "out_sample"
     model.graph.node[-1].output[0] = "out_sample"
     with pytest.raises(UserError, match="conventional I/O"):
@@ -75,4 +53,11 @@ def test_refuses_unconventional_io():
 
 def test_refuses_old_opset():
     with pytest.raises(UserError, match="opset >= 18"):
-        step_fused_unet(_toy_unet(opset=17))
+        step_fused_unet(toy_unet(opset=17))
+
+
+def test_run_reports_the_wrapper_nodes_it_keeps_in_fp32():
+    result = run(toy_unet(), PassOptions())
+    assert result.report == StepFusionReport(tuple(wrapper_node_names(result.model)))
+    assert "unet_step/update" in result.report.fp32_node_names
+    assert not any(name.startswith("unet_step/") for name in wrapper_node_names(toy_unet()))

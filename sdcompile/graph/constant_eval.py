@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from sdcompile.passes.surgery import producer
+from sdcompile.graph.surgery import producer
 
 MAX_SUBGRAPH_NODES = 64
 MAX_CONSTANT_ELEMENTS = 1 << 20

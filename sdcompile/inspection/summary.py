@@ -6,11 +6,11 @@ from collections import Counter
 import onnx
 import onnx_graphsurgeon as gs
 
-from sdcompile.passes.attention_match import AttentionKind, count_fused_attention, find_attention
-from sdcompile.passes.dtypes import dtype_name, onnx_dtype
-from sdcompile.passes.fp16_audit import audit_precision
-from sdcompile.passes.fp16_policy import Fp16Options
-from sdcompile.passes.shape_inference import has_unknown_shapes, weight_bytes, with_inferred_shapes
+from sdcompile.graph.attention_match import AttentionKind, count_fused_attention, find_attention
+from sdcompile.graph.dtypes import dtype_name, onnx_dtype
+from sdcompile.graph.fp16_policy import Fp16Options
+from sdcompile.graph.shape_inference import has_unknown_shapes, weight_bytes, with_inferred_shapes
+from sdcompile.inspection.fp16_audit import audit_precision
 
 
 def _io(tensors) -> list[dict]:

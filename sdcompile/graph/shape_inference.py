@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from sdcompile.passes.surgery import copy_graph
+from sdcompile.graph.surgery import copy_graph
 
 # Protobuf refuses to serialise a message of 2 GiB or more; keep a margin for the graph itself.
 IN_MEMORY_LIMIT_BYTES = (2 << 30) - (64 << 20)

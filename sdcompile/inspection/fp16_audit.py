@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from sdcompile.passes.dtypes import (FLOAT_TYPES, node_schema, tensor_dtypes,
-                                     tied_float_inputs)
-from sdcompile.passes.fp16_policy import Fp16Options, fp32_island_nodes
-from sdcompile.passes.surgery import node_label
+from sdcompile.graph.dtypes import (FLOAT_TYPES, node_schema, tensor_dtypes,
+                                    tied_float_inputs)
+from sdcompile.graph.fp16_policy import Fp16Options, fp32_island_nodes
+from sdcompile.graph.surgery import node_label
 
 NOT_COMPUTE_OPS = frozenset({"Cast", "CastLike", "Constant", "Shape", "Size"})
 

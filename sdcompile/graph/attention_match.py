@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from sdcompile.passes.constant_eval import scalar_value, sentinel_values
-from sdcompile.passes.surgery import (compose_perms, node_label, producer, producer_op, rank,
-                                      same_dim, sole_consumer, static_dim)
+from sdcompile.graph.constant_eval import scalar_value, sentinel_values
+from sdcompile.graph.surgery import (compose_perms, node_label, producer, producer_op, rank,
+                                     same_dim, sole_consumer, static_dim)
 
 SWAP_LAST_TWO = (0, 1, 3, 2)
 IDENTITY_4D = (0, 1, 2, 3)

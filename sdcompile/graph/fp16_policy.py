@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from sdcompile.passes.dtypes import (FLOAT_TYPES, allowed_dtypes, formal_input_type,
-                                     formal_output_type, node_schema)
-from sdcompile.passes.surgery import producer
+from sdcompile.graph.dtypes import (FLOAT_TYPES, allowed_dtypes, formal_input_type,
+                                    formal_output_type, node_schema)
+from sdcompile.graph.surgery import producer
 
 # Default fp32 islands; the reason for each is the comment beside it.
 DEFAULT_FP32_OP_TYPES = frozenset({
