@@ -22,8 +22,7 @@ from sdcompile.components.spec import dim_multiples, input_profile, trace_bindin
 from sdcompile.export import name_io_dims, onnx_from_module, save_model
 from sdcompile.fingerprint import models_sha256
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
-from sdcompile.passes import default_passes, optimize_model
-from sdcompile.passes.step_fusion import wrapper_node_names
+from sdcompile.passes import default_passes, optimize_model, run_pass
 from sdcompile.recipes import Recipe, TokenizerPadding
 from sdcompile.verify import check_output
 from sdcompile.weights import RandomWeights, load_models
@@ -88,10 +87,10 @@ def _export_component(name: str, models, config: ExportConfig, staging: Path, re
     inputs = spec.sample(config.recipe, trace_binding(config.recipe), torch.Generator().manual_seed(config.seed))
     phases = _PhaseClock(name, log)
     if spec.derived_from:
-        model = spec.derive(onnx.load(str(staging / spec.derived_from / "model.onnx")))
+        model, derivation = run_pass(spec.derived_by, onnx.load(str(staging / spec.derived_from / "model.onnx")))
         name_io_dims(model, spec.inputs, spec.outputs)
-        passes = [*records[spec.derived_from].passes, "step-fusion"]
-        pass_report = {"step-fusion": {"fp32_node_names": wrapper_node_names(model)}}
+        passes = [*records[spec.derived_from].passes, spec.derived_by]
+        pass_report = {spec.derived_by: derivation}
         phases.done(f"derived from {spec.derived_from}")
     else:
         model = onnx_from_module(module, inputs, spec.inputs, spec.outputs, dim_multiples(config.recipe),

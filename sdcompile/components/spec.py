@@ -16,7 +16,8 @@ class ComponentSpec:
 
     `wrap(models, recipe)` returns the torch module whose forward takes the inputs in order;
     `sample(recipe, binding, generator)` returns realistic sample inputs, keyed by input name.
-    A derived component is not traced: `derive` rewrites the graph of `derived_from`.
+    A derived component is not traced: the pass named `derived_by` (a `sdcompile.passes.PASSES`
+    name) rewrites the exported graph of `derived_from`.
     """
 
     name: str
@@ -26,7 +27,7 @@ class ComponentSpec:
     sample: Callable[[Recipe, ShapeBinding, torch.Generator], dict[str, torch.Tensor]]
     description: str = ""
     derived_from: str | None = None
-    derive: Callable | None = None
+    derived_by: str | None = None
 
 
 def profile_bindings(recipe: Recipe) -> dict[str, ShapeBinding]:

@@ -1,14 +1,14 @@
 """Step-fused UNet: one whole denoising step (CFG + DDIM update) per call.
 
-The graph is derived from the exported UNet by `passes.step_fusion`; `UNetStepWrapper` states
-the same computation in PyTorch so the derived graph is verified against eager like any other.
+The graph is derived from the exported UNet by the step-fusion pass (`passes/step_fusion.py`);
+`UNetStepWrapper` states the same computation in PyTorch so the derived graph is verified against
+eager like any other.
 """
 from __future__ import annotations
 
 import torch
 
 from sdcompile.components.spec import ComponentSpec, random_tensor
-from sdcompile.passes.step_fusion import step_fused_unet
 from sdcompile.recipes import Recipe
 from sdrun.bundle import ShapeBinding, TensorSpec
 
@@ -51,5 +51,5 @@ def unet_step_spec(recipe: Recipe) -> ComponentSpec:
         sample=_sample,
         description="x_next = c_x·x + c_out·CFG(UNet([x; x], t, [uncond; cond])) + sigma·noise",
         derived_from="unet",
-        derive=step_fused_unet,
+        derived_by="step-fusion",
     )
