@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from sdcompile.recipes import recipe_from_dict
 from sdcompile.trt_profiles import ShapeRequest, check_profile_against_graph, is_static, profile_from_request
+from sdrun.atomic import write_atomic
 from sdrun.backends.tensorrt import ATTENTION_TENSORRT, require_tensorrt
 from sdrun.bundle import (MANIFEST_NAME, ComponentRecord, Manifest, read_manifest, verify_component_files,
                           write_json_atomic)
@@ -237,14 +236,7 @@ def write_bytes_atomic(path: Path, data) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     view = memoryview(data)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(view)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda temp: temp.write_bytes(view))
     return hashlib.sha256(view).hexdigest()
 
 

@@ -39,6 +39,7 @@ from sdcompile.models.autoencoder import AutoencoderKL
 from sdcompile.models.text_encoder import build_text_encoder
 from sdcompile.models.unet import UNetModel
 from sdcompile.recipes import Family, Recipe, TextEncoderKind, available_recipes, load_recipe
+from sdrun.atomic import write_atomic
 from sdrun.errors import UserError
 
 StateDict = dict[str, torch.Tensor]
@@ -738,13 +739,8 @@ def save_ldm_checkpoint(models: StableDiffusionModels, path: str | os.PathLike) 
                         expected=f".safetensors or one of {', '.join(PICKLE_SUFFIXES)}", got=path.suffix or "no suffix",
                         fix="name the output file with one of those suffixes")
     state = ldm_state_dict(models)
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        if path.suffix == ".safetensors":
-            safetensors.torch.save_file(state, str(temporary), metadata={"format": "pt"})
-        else:
-            torch.save({"state_dict": state}, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    if path.suffix == ".safetensors":
+        write_atomic(path, lambda temp: safetensors.torch.save_file(state, str(temp), metadata={"format": "pt"}))
+    else:
+        write_atomic(path, lambda temp: torch.save({"state_dict": state}, temp))
     return path
