@@ -1,0 +1,64 @@
+"""diffusers pipeline folders: `unet/`, `vae/`, `text_encoder/`, renamed to our layout by
+`diffusers_layout`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdcompile import diffusers_layout
+from sdcompile.recipes import Recipe
+from sdcompile.weights.layout import CheckpointStates, Component, StateDict
+from sdcompile.weights.load_report import LoadReport, float_dtypes
+from sdcompile.weights.single_file import read_state_dict_file
+from sdrun.errors import UserError
+
+DIFFUSERS_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors", "model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin", "pytorch_model.bin",
+)
+
+
+def read_diffusers_folder(folder: Path, recipe: Recipe) -> tuple[CheckpointStates, LoadReport]:
+    """unet/, vae/, text_encoder/ of a diffusers pipeline folder, renamed to our layout."""
+    subfolders = {component: folder / component.value for component in Component}
+    absent = [f"{path.name}/" for path in subfolders.values() if not path.is_dir()]
+    if absent:
+        found = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+        raise UserError(f"{folder} is a directory but not a diffusers pipeline folder.",
+                        expected="subfolders unet/, vae/ and text_encoder/, each with config.json and weights",
+                        got=f"missing {', '.join(absent)}; found {', '.join(found[:10]) or 'nothing'}",
+                        fix="pass the folder holding model_index.json, or a single .safetensors/.ckpt file")
+    raw = {component: read_diffusers_component(path) for component, path in subfolders.items()}
+    components = {
+        Component.UNET: diffusers_layout.unet_from_diffusers(raw[Component.UNET], recipe.unet),
+        Component.VAE: diffusers_layout.vae_from_diffusers(raw[Component.VAE], recipe.vae),
+        Component.TEXT_ENCODER: diffusers_layout.text_from_hf(raw[Component.TEXT_ENCODER], recipe.text_encoder),
+    }
+    return CheckpointStates(components), LoadReport(f"diffusers folder {folder}", float_dtypes(raw.values()))
+
+
+def read_diffusers_component(subfolder: Path) -> StateDict:
+    """The weights of one diffusers/transformers `save_pretrained` folder (single file or shards)."""
+    for name in DIFFUSERS_WEIGHT_FILES:
+        index = subfolder / f"{name}.index.json"
+        if (subfolder / name).is_file():
+            return read_state_dict_file(subfolder / name)
+        if index.is_file():
+            return _read_shards(index)
+    raise UserError(f"{subfolder} holds no weights file.",
+                    expected=" or ".join(DIFFUSERS_WEIGHT_FILES[:2]) + " (or a .bin / sharded equivalent)",
+                    got=", ".join(sorted(p.name for p in subfolder.iterdir())) or "an empty folder",
+                    fix="save the component with save_pretrained, or download it again")
+
+
+def _read_shards(index: Path) -> StateDict:
+    try:
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as err:
+        raise UserError(f"{index} is not a valid shard index: {err}.", expected='JSON with a "weight_map" table',
+                        fix="download the folder again") from None
+    state: StateDict = {}
+    for name in shard_names:
+        state |= read_state_dict_file(index.parent / Path(name).name)
+    return state

@@ -1,0 +1,124 @@
+"""Strict loading of our three models from a checkpoint, a diffusers folder or seeded random weights.
+
+Every key our models hold must come from the source with the same shape, and every key of the
+source must be used, except known extras (EMA copy, DDPM schedule buffers, non-tensor entries),
+which are skipped and listed in the load report. Two kinds of keys may be absent and are filled:
+the SD1 text encoder's constant `position_ids` buffer, and the OpenCLIP keys that never affect
+SD2's output (the last block, `text_projection`, `logit_scale`; a diffusers SD2 folder has none).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdcompile import diffusers_layout
+from sdcompile.models.attention import AttentionImpl
+from sdcompile.models.autoencoder import AutoencoderKL
+from sdcompile.models.text_encoder import build_text_encoder
+from sdcompile.models.unet import UNetModel
+from sdcompile.recipes import Recipe, TextEncoderKind
+from sdcompile.weights.diffusers_folder import read_diffusers_folder
+from sdcompile.weights.key_check import check_keys
+from sdcompile.weights.layout import LDM_PREFIXES, CheckpointStates, Component, StateDict
+from sdcompile.weights.load_report import KeyGroup, LoadReport
+from sdcompile.weights.random_init import RandomWeights, randomize_parameters_
+from sdcompile.weights.single_file import read_ldm_file
+from sdrun.errors import UserError
+
+# Constant buffers our models compute themselves; a file may lack them or hold a damaged copy.
+CONSTANT_BUFFERS = frozenset({"transformer.text_model.embeddings.position_ids"})
+CheckpointSource = str | os.PathLike | RandomWeights
+
+
+@dataclasses.dataclass(frozen=True)
+class StableDiffusionModels:
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: nn.Module
+    report: LoadReport
+
+    def component(self, component: Component) -> nn.Module:
+        return getattr(self, component.value)
+
+
+def load_models(recipe: Recipe, source: CheckpointSource | None = None, dtype: torch.dtype = torch.float32,
+                attention: AttentionImpl = AttentionImpl.SDPA) -> StableDiffusionModels:
+    """The recipe's three models in eval mode with weights from `source` (None: `RandomWeights()`)."""
+    source = RandomWeights() if source is None else source
+    modules = build_models(recipe, attention)
+    if isinstance(source, RandomWeights):
+        for component, module in modules.items():
+            randomize_parameters_(module, source.seed, LDM_PREFIXES[component])
+        report = LoadReport(f"random weights (seed {source.seed})")
+    else:
+        states, report = read_checkpoint(Path(source), recipe)
+        report = load_strict_(modules, states, recipe, report)
+    for module in modules.values():
+        module.to(dtype).eval().requires_grad_(False)
+    return StableDiffusionModels(modules[Component.UNET], modules[Component.VAE],
+                                 modules[Component.TEXT_ENCODER], report)
+
+
+def build_models(recipe: Recipe, attention: AttentionImpl = AttentionImpl.SDPA) -> dict[Component, nn.Module]:
+    return {
+        Component.UNET: UNetModel(recipe.unet, attention),
+        Component.VAE: AutoencoderKL(recipe.vae, attention),
+        Component.TEXT_ENCODER: build_text_encoder(recipe.text_encoder, attention),
+    }
+
+
+def read_checkpoint(path: Path, recipe: Recipe) -> tuple[CheckpointStates, LoadReport]:
+    """Per-component tensors (our key layout) from an ldm file or a diffusers folder, and what was skipped."""
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist.",
+                        expected="a .safetensors or .ckpt file, or a diffusers folder with unet/, vae/, text_encoder/",
+                        got=str(path), fix="check the path")
+    if path.is_dir():
+        return read_diffusers_folder(path, recipe)
+    return read_ldm_file(path, recipe)
+
+
+def load_strict_(modules: Mapping[Component, nn.Module], states: CheckpointStates, recipe: Recipe,
+                 report: LoadReport) -> LoadReport:
+    """Copy `states` into `modules` after checking keys and shapes; returns `report` plus what was filled."""
+    filled: list[KeyGroup] = []
+    ready = {}
+    for component, module in modules.items():
+        expected = module.state_dict()
+        state, fills = with_filled_keys(component, states.components.get(component, {}), expected, recipe)
+        ready[component] = state
+        filled += [KeyGroup.of(f"{component.value} {reason}", keys) for reason, keys in fills.items() if keys]
+    check_keys(modules, ready, states.unrecognised, recipe, report.source)
+    for component, module in modules.items():
+        module.load_state_dict(ready[component], strict=True)
+    return dataclasses.replace(report, filled=tuple(filled))
+
+
+def with_filled_keys(component: Component, state: StateDict, expected: Mapping[str, torch.Tensor],
+                     recipe: Recipe) -> tuple[StateDict, dict[str, list[str]]]:
+    """`state` with constant buffers taken from the model and absent unused OpenCLIP keys filled.
+
+    Returns the state and, per reason, the keys filled in or replaced.
+    """
+    constants = {key: expected[key] for key in CONSTANT_BUFFERS if key in expected}
+    fills = {
+        "constant buffers absent from the source": [key for key in constants if key not in state],
+        "constant buffers replaced by their computed values": [
+            key for key in constants if key in state and not _same_values(state[key], constants[key])],
+    }
+    out = dict(state) | constants
+    if component is Component.TEXT_ENCODER and recipe.text_encoder.kind is TextEncoderKind.OPENCLIP:
+        shapes = {key: value.shape for key, value in expected.items()}
+        unused = diffusers_layout.unused_openclip_fill(shapes, state, recipe.text_encoder)
+        out |= unused
+        fills["unused OpenCLIP keys absent from the source"] = list(unused)
+    return out, fills
+
+
+def _same_values(given: torch.Tensor, computed: torch.Tensor) -> bool:
+    return given.shape == computed.shape and torch.equal(given.to(computed.dtype), computed)
