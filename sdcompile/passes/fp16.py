@@ -1,4 +1,4 @@
-"""Cast a float32 graph to fp16 compute, keeping the fp32 islands of fp16_policy.py.
+"""Cast a float32 graph to fp16 compute, keeping the fp32 islands of graph/fp16_policy.py.
 
 Every node that computes on float32 tensors computes in fp16 unless it is in an island. Walking
 the graph producers-first, each node gets its tied float inputs (those sharing the type of an

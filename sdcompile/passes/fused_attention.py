@@ -1,4 +1,4 @@
-"""Replace decomposed attention (see attention_match.py) with one fused node.
+"""Replace decomposed attention (see graph/attention_match.py) with one fused node.
 
 Targets:
 - `AttentionTarget.ONNX`: the standard `Attention` operator (opset 23) on the 4-D (B, H, S, d)
