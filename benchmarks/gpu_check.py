@@ -2,18 +2,17 @@
 
 Exports the tiny recipe with seeded random weights (unless the bundle exists), builds its
 TensorRT engines, runs every component on TensorRT and on ONNX Runtime CPU with the same
-inputs, and prints accuracy and latency side by side; then, when `sdrun.pipeline` is
-available, one txt2img run per backend with the images compared.
+inputs, and prints accuracy and latency side by side; then one txt2img run per backend with
+the images compared. Every runner is made through the backend registry.
 
     python benchmarks/gpu_check.py [--bundle DIR] [--precision fp16|fp32] [--static] [--repeats N]
 
-Exit status: 0 when every component is within tolerance, 1 when one is not, 2 when TensorRT
-or a GPU is missing (the reason is printed).
+Exit status: 0 when every component is within tolerance and both txt2img runs succeed, 1 when
+one is not or does not, 2 when TensorRT or a GPU is missing (the reason is printed).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import statistics
 import subprocess
 import sys
@@ -23,10 +22,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-# Relative L2 error ‖trt − ort‖₂ / ‖ort‖₂ per output. TensorRT runs fp32 graphs with TF32
-# matrix math by default (10-bit mantissa), fp16 graphs with fp16 kernels of other
-# accumulation order than ONNX Runtime CPU's.
-MAX_RELATIVE_L2 = {"fp32": 1e-2, "fp16": 3e-2}
+from sdrun.backends import BackendOptions
+
+PRECISIONS = ("fp16", "fp32")
+CPU_REFERENCE = BackendOptions(providers=("CPUExecutionProvider",))
 DEFAULT_BUNDLE = Path("build/gpu-check")
 TIMESTEP = 500.0  # mid-schedule, a typical UNet input
 PROMPT = "a lighthouse on a cliff at dawn"
@@ -36,14 +35,13 @@ PROMPT = "a lighthouse on a cliff at dawn"
 class ComponentResult:
     name: str
     shapes: dict  # input name -> shape
-    errors: dict  # output name -> sdrun.metrics.Comparison
-    tensorrt_ms: float  # median wall time of one call, host copies and synchronization included
+    verdicts: dict  # output name -> sdrun.gates.Verdict of the candidate against ONNX Runtime CPU
+    candidate_ms: float  # median wall time of one call, host copies and synchronization included
     onnxruntime_ms: float
-    tolerance: float
 
     @property
     def passed(self) -> bool:
-        return all(c.rel_l2 <= self.tolerance for c in self.errors.values())
+        return all(v.passed for v in self.verdicts.values())
 
 
 def ensure_bundle(bundle: Path, precision: str, log=print) -> Path:
@@ -96,40 +94,42 @@ def median_ms(runner, feeds: dict, repeats: int) -> float:
     return statistics.median(times)
 
 
-def compare_components(bundle: Path, repeats: int, seed: int = 0) -> list[ComponentResult]:
-    """Every component at its engine's opt shapes: TensorRT vs ONNX Runtime CPU, same inputs."""
-    from sdrun.backends.onnxruntime import OnnxRuntimeRunner
-    from sdrun.backends.tensorrt import tensorrt_runners
-    from sdrun.bundle import read_manifest
+def compare_components(bundle: Path, repeats: int, candidate: str = "tensorrt",
+                       options: BackendOptions = BackendOptions(), seed: int = 0) -> list[ComponentResult]:
+    """Every component at the recipe's opt shapes: `candidate` vs ONNX Runtime CPU, same inputs."""
+    from sdrun.backends import make_runners
+    from sdrun.bundle import open_bundle
+    from sdrun.gates import tensorrt_gate
     from sdrun.metrics import compare
 
-    manifest = read_manifest(bundle)
-    names = list(manifest.components)
-    trt_runners = tensorrt_runners(bundle, manifest, names)
-    vocab_size = manifest.recipe["text_encoder"]["vocab_size"]
+    opened = open_bundle(bundle)
+    names = sorted(opened.verified)
+    candidates = make_runners(candidate, opened, names, options)
+    references = make_runners("onnxruntime", opened, names, CPU_REFERENCE)
     rng = np.random.default_rng(seed)
     results = []
     for name in names:
-        record = manifest.components[name]
-        shapes = {n: levels["opt"] for n, levels in trt_runners[name].profile.items()}
-        feeds = sample_feeds(record, shapes, vocab_size, rng)
-        ort_runner = OnnxRuntimeRunner(bundle / record.graph, record, providers=["CPUExecutionProvider"])
-        reference = {k: v.copy() for k, v in ort_runner.run(feeds).items()}
-        candidate = {k: v.copy() for k, v in trt_runners[name].run(feeds).items()}
-        errors = {out: compare(reference[out], candidate[out]) for out in reference}
-        results.append(ComponentResult(name, shapes, errors, median_ms(trt_runners[name], feeds, repeats),
-                                       median_ms(ort_runner, feeds, max(1, repeats // 4)),
-                                       MAX_RELATIVE_L2[record.precision]))
+        record = opened.component(name)
+        shapes = {n: levels["opt"] for n, levels in record.profile.items()}
+        feeds = sample_feeds(record, shapes, opened.recipe.text_encoder.vocab_size, rng)
+        reference = {k: v.copy() for k, v in references[name].run(feeds).items()}
+        result = {k: v.copy() for k, v in candidates[name].run(feeds).items()}
+        gate = tensorrt_gate(record.precision)
+        verdicts = {out: gate.judge(f"{name}: {out}", compare(reference[out], result[out]).to_dict())
+                    for out in reference}
+        results.append(ComponentResult(name, shapes, verdicts, median_ms(candidates[name], feeds, repeats),
+                                       median_ms(references[name], feeds, max(1, repeats // 4))))
     return results
 
 
 def accuracy_table(results: list[ComponentResult]) -> str:
     lines = ["| component | output | max abs | rel L2 | cosine | PSNR dB | gate |", "|---|---|---|---|---|---|---|"]
     for result in results:
-        for output, c in result.errors.items():
-            gate = "pass" if c.rel_l2 <= result.tolerance else f"FAIL (needs rel L2 <= {c.rel_l2:.2g})"
-            lines.append(f"| {result.name} | {output} | {c.max_abs:.3g} | {c.rel_l2:.3g} | {c.cosine:.6f} | "
-                         f"{c.psnr_db:.1f} | {gate}, limit {result.tolerance:g} |")
+        for output, v in result.verdicts.items():
+            c = v.statistics
+            gate = "pass" if v.passed else f"FAIL (needs {v.relation} {v.value:.2g})"
+            lines.append(f"| {result.name} | {output} | {c['max_abs']:.3g} | {c['rel_l2']:.3g} | {c['cosine']:.6f} | "
+                         f"{c['psnr_db']:.1f} | {gate}, limit {v.gate.threshold:g} |")
     return "\n".join(lines)
 
 
@@ -137,8 +137,8 @@ def latency_table(results: list[ComponentResult]) -> str:
     lines = ["| component | input shapes | ONNX Runtime CPU ms | TensorRT ms | speed-up |", "|---|---|---|---|---|"]
     for r in results:
         shapes = ", ".join(f"{n} {list(s)}" for n, s in r.shapes.items())
-        lines.append(f"| {r.name} | {shapes} | {r.onnxruntime_ms:.2f} | {r.tensorrt_ms:.3f} | "
-                     f"{r.onnxruntime_ms / r.tensorrt_ms:.1f}x |")
+        lines.append(f"| {r.name} | {shapes} | {r.onnxruntime_ms:.2f} | {r.candidate_ms:.3f} | "
+                     f"{r.onnxruntime_ms / r.candidate_ms:.1f}x |")
     lines.append("\nTensorRT times include the host-to-device copy of the inputs, the device-to-host copy of "
                  "the outputs and one stream synchronization per call.")
     return "\n".join(lines)
@@ -149,12 +149,7 @@ def latency_table(results: list[ComponentResult]) -> str:
 
 
 def run_end_to_end(bundle: Path, out: Path, seed: int = 42) -> dict | None:
-    """txt2img on ONNX Runtime and on TensorRT with one seed; image statistics, or None when skipped."""
-    try:
-        importlib.import_module("sdrun.pipeline")  # the shared txt2img loop both runs go through
-    except ImportError as err:
-        print(f"end-to-end txt2img skipped: sdrun.pipeline is not available ({err})")
-        return None
+    """txt2img on ONNX Runtime and on TensorRT with one seed; image statistics, or None when a run failed."""
     images = {}
     for backend in ("onnxruntime", "tensorrt"):
         image = out / f"txt2img-{backend}.png"
@@ -163,7 +158,8 @@ def run_end_to_end(bundle: Path, out: Path, seed: int = 42) -> dict | None:
                                                str(seed), "--backend", backend, "--out", str(image)),
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            print(f"end-to-end txt2img skipped: `sdrun txt2img --backend {backend}` failed:\n{result.stderr[-2000:]}")
+            print(f"end-to-end txt2img FAILED: `sdrun txt2img --backend {backend}` exited {result.returncode}:\n"
+                  f"{result.stderr[-2000:]}")
             return None
         images[backend] = (_read_image(image), time.perf_counter() - started)
         print(f"txt2img on {backend}: {images[backend][1]:.2f} s wall (process start and loading included)")
@@ -193,7 +189,7 @@ def _image_report(reference: np.ndarray, candidate: np.ndarray) -> dict:
 @click.command()
 @click.option("--bundle", type=click.Path(path_type=Path),
               help="bundle to use or create (default: build/gpu-check/tiny-PRECISION)")
-@click.option("--precision", type=click.Choice(sorted(MAX_RELATIVE_L2)), default="fp16", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True)
 @click.option("--static", is_flag=True, help="build static engines at the recipe's opt shapes")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="timed calls per component")
 def main(bundle, precision, static, repeats) -> None:
@@ -210,8 +206,8 @@ def main(bundle, precision, static, repeats) -> None:
     results = compare_components(bundle, repeats)
     click.echo("\nAccuracy (reference: ONNX Runtime CPU)\n" + accuracy_table(results))
     click.echo("\nLatency (median per call)\n" + latency_table(results) + "\n")
-    run_end_to_end(bundle, bundle.parent)
-    sys.exit(0 if all(r.passed for r in results) else 1)
+    end_to_end = run_end_to_end(bundle, bundle.parent)
+    sys.exit(0 if all(r.passed for r in results) and end_to_end is not None else 1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from benchmarks.accuracy import Gate
+from sdrun.gates import Verdict
 from benchmarks.config import BenchConfig, EngineSet, Variant
 from benchmarks.exports import ExportMeasurement
 from benchmarks.latency import PipelineLatency, Stats
@@ -17,7 +17,7 @@ class ComponentResult:
     component: str
     statistics: dict
     latency: Stats
-    gate: Gate | None  # None for the reference itself
+    gate: Verdict | None  # None for the reference itself
 
     def to_dict(self) -> dict:
         return {"backend": self.engines.backend, "precision": self.engines.precision, "component": self.component,
@@ -32,7 +32,7 @@ class VariantResult:
     latents: dict  # final latents vs the reference
     image: dict  # uint8 images in [0, 1] vs the reference, with SSIM
     latency: PipelineLatency
-    gate: Gate | None
+    gate: Verdict | None
     images: np.ndarray  # (P, H, W, 3) uint8, one per prompt
 
     def to_dict(self) -> dict:
@@ -48,7 +48,7 @@ class PeerResult:
     build_seconds: float
     image: dict  # float images in [-1, 1] vs the reference's decoded (and clamped) images
     latency: Stats  # one end-to-end pipeline call
-    gate: Gate
+    gate: Verdict
     images: np.ndarray  # (P, H, W, 3) uint8
 
     def to_dict(self) -> dict:
@@ -64,7 +64,7 @@ class UNetStepResult:
     load_seconds: float
     statistics: dict  # vs eager
     latency: Stats
-    gate: Gate | None
+    gate: Verdict | None
 
     def to_dict(self) -> dict:
         return {"label": self.label, "precision": self.precision, "load_seconds": self.load_seconds,
@@ -88,10 +88,10 @@ class BenchResult:
     reference_images: np.ndarray | None = None  # (P, H, W, 3) uint8
 
     @property
-    def gates(self) -> list[Gate]:
+    def gates(self) -> list[Verdict]:
         found = [r.gate for r in (*self.components, *self.variants, *self.unet_step) if r.gate]
         return found + ([self.peer.gate] if self.peer else [])
 
     @property
-    def failed_gates(self) -> list[Gate]:
+    def failed_gates(self) -> list[Verdict]:
         return [gate for gate in self.gates if not gate.passed]

@@ -225,7 +225,7 @@ def _db(value: float) -> str:
 def _verdict(gate) -> str:
     if gate is None:
         return "reference"
-    return "pass" if gate.passed else f"FAIL (needs {gate.relation.value} {gate.value:.3g})"
+    return "pass" if gate.passed else f"FAIL (needs {gate.relation} {gate.value:.3g})"
 
 
 # --- files -----------------------------------------------------------------------------------------------

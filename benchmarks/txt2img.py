@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from benchmarks import accuracy, peer
+from sdrun import gates
 from benchmarks.config import REFERENCE, BenchConfig, Denoise, EngineSet, Variant
 from benchmarks.latency import PipelineLatency, Stats, elapsed, interleaved, stage_seconds
 from benchmarks.outcome import ComponentResult, PeerResult, VariantResult
@@ -70,7 +71,8 @@ def txt2img_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], eng
     log(f"loaded {len(loaded) * len(Denoise)} pipelines; reference run ({REFERENCE.label} plain)")
     reference = reference_run(loaded[REFERENCE], requests)
     outputs = {engines: run_components(pipelines, reference.feeds) for engines, pipelines in loaded.items()}
-    runs = {Variant(e, d): tuple(p.generate(r) for r in requests) for e, ps in loaded.items() for d, p in ps.items()}
+    runs = {Variant(e, d): tuple(p.pipeline.generate(r) for r in requests) for e, ps in loaded.items()
+            for d, p in ps.items()}
     found_peer, skipped = build_peer(config, recipe, requests, log)
     log(f"timing: {config.warmup} warm-up and {config.repeats} timed rounds over every component, then every "
         "variant" + (" and the peer" if found_peer else ""))
@@ -102,35 +104,30 @@ def generation_requests(config: BenchConfig, recipe) -> tuple:
 
 
 def load_pipeline(bundle: Path, engines: EngineSet, denoise: Denoise, threads: int | None):
-    """A pipeline with the plain or the step-fused UNet (its `load_seconds`: time to load the runners)."""
-    from sdrun.pipeline import Pipeline
+    """A loaded pipeline with the plain or the step-fused UNet (`load_seconds`: time to make the runners)."""
+    from sdrun.backends import BackendOptions
+    from sdrun.session import load_pipeline as load
 
-    options = {"threads": threads} if threads and engines.backend == "onnxruntime" else {}
-    return Pipeline(bundle, engines.backend, step_fusion=denoise is Denoise.STEP_FUSED, **options)
+    return load(bundle, engines.backend, step_fusion=denoise is Denoise.STEP_FUSED,
+                options=BackendOptions(threads=threads))
 
 
 def reference_run(pipelines: dict, requests: tuple) -> Reference:
-    plain = pipelines[Denoise.PLAIN]
+    plain = pipelines[Denoise.PLAIN].pipeline
     results = tuple(plain.generate(r) for r in requests)
-    feeds = component_feeds(plain, results[0])
-    decoded = np.concatenate([plain.runners["vae_decoder"].run({"latent": r.latents})["images"].copy()
-                              for r in results])
+    feeds = component_feeds(pipelines[Denoise.PLAIN], results[0])
+    decoded = np.concatenate([r.decoded for r in results])
     return Reference(results, feeds, run_components(pipelines, feeds), decoded)
 
 
-def component_feeds(pipeline, result) -> dict[str, dict[str, np.ndarray]]:
+def component_feeds(loaded, result) -> dict[str, dict[str, np.ndarray]]:
     """One call's inputs per component, from a reference run: its prompts' token ids; its initial noise at
     the first timestep with the reference's text embeddings; its final latents."""
-    from sdrun import schedulers
-    from sdrun.pipeline import denoise_plan
-
     request = result.request
-    tokens = pipeline.tokenizer([request.negative_prompt, request.prompt], pipeline.manifest.tokenizer["pad_id"],
-                                pipeline.manifest.tokenizer["context_length"]).ids
-    context = pipeline.runners["text_encoder"].run({"input_ids": tokens})["text_embeddings"].copy()
+    tokens = loaded.pipeline.token_ids([request.negative_prompt, request.prompt]).ids
+    context = loaded.runners["text_encoder"].run({"input_ids": tokens})["text_embeddings"].copy()
     noise = request.init_noise
-    table = schedulers.ddim_table(schedulers.DDPMSchedule(**pipeline.recipe["schedule"]), request.steps, 0.0)
-    plan = denoise_plan(table, pipeline.recipe, request.guidance, np.random.default_rng(0), noise.shape)
+    plan = loaded.pipeline.plan(request, np.random.default_rng(0))
     coefficients = np.array([plan.c_x[0], plan.c_out[0], plan.sigma[0]], dtype=np.float32)
     return {
         "text_encoder": {"input_ids": tokens},
@@ -146,8 +143,8 @@ def component_feeds(pipeline, result) -> dict[str, dict[str, np.ndarray]]:
 def component_runners(pipelines: dict) -> dict:
     """Every component the two pipelines of an engine set loaded (plain: `unet`, step-fused: `unet_step`)."""
     runners = {}
-    for pipeline in pipelines.values():
-        runners.update(pipeline.runners)
+    for loaded in pipelines.values():
+        runners.update(loaded.runners)
     return {name: runners[name] for name in COMPONENTS}
 
 
@@ -182,8 +179,8 @@ def component_calls(loaded: dict, feeds: dict) -> dict[tuple[EngineSet, str], Ca
 
 def pipeline_calls(loaded: dict, request, found_peer: Peer | None) -> dict:
     """Per variant (and "peer"): one end-to-end run returning its seconds per stage."""
-    calls = {Variant(e, d): functools.partial(_stage_seconds_of, pipeline, request)
-             for e, pipelines in loaded.items() for d, pipeline in pipelines.items()}
+    calls = {Variant(e, d): functools.partial(_stage_seconds_of, one.pipeline, request)
+             for e, pipelines in loaded.items() for d, one in pipelines.items()}
     if found_peer:
         calls["peer"] = lambda: {"total": elapsed(functools.partial(found_peer.run, request))}
     return calls
@@ -234,7 +231,7 @@ def build_peer(config: BenchConfig, recipe, requests: tuple, log) -> tuple[Peer 
 def peer_result(found: Peer, reference: Reference, latency: Stats, log) -> PeerResult:
     from sdrun.pipeline import to_uint8
 
-    stats = accuracy.image_statistics(np.clip(reference.decoded, -1.0, 1.0), found.images, accuracy.DECODED_RANGE)
+    stats = accuracy.image_statistics(np.clip(reference.decoded, -1.0, 1.0), found.images, gates.DECODED_RANGE)
     log(f"diffusers peer: {latency.median_ms:.1f} ms end to end, image max abs {stats['max_abs']:.3g}")
     return PeerResult(found.build_seconds, stats, latency, accuracy.peer_gate("diffusers peer image", stats),
                       to_uint8(found.images))

@@ -7,7 +7,6 @@ two copies of the UNet weights at a time.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 from pathlib import Path
@@ -30,8 +29,7 @@ def unet_step_feeds(recipe, steps: int | None, seed: int) -> dict[str, np.ndarra
 
     rng = np.random.default_rng(seed)
     latent = (recipe.default_height // recipe.vae_scale, recipe.default_width // recipe.vae_scale)
-    schedule = schedulers.DDPMSchedule(**dataclasses.asdict(recipe.schedule))
-    first = schedulers.ddim_table(schedule, steps or recipe.default_steps, 0.0).timesteps[:1]
+    first = schedulers.ddim_table(recipe.schedule, steps or recipe.default_steps, 0.0).timesteps[:1]
     context = (BATCH, recipe.text_encoder.context_length, recipe.unet.context_dim)
     return {"sample": rng.standard_normal((BATCH, recipe.unet.in_channels, *latent), dtype=np.float32),
             "timestep": first.astype(np.float32),
@@ -43,14 +41,15 @@ def unet_step_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], e
     from sdcompile.components import component_spec
     from sdcompile.weights import RandomWeights, ldm_state_dict, load_models
     from sdrun.backends.torch import TorchRunner
-    from sdrun.bundle import read_manifest
+    from sdrun.bundle import open_bundle
 
     feeds = unet_step_feeds(recipe, config.steps, config.seed)
-    manifests = {precision: read_manifest(bundle) for precision, bundle in bundles.items()}
+    opened = {precision: open_bundle(bundle, lambda manifest: ["unet"]) for precision, bundle in bundles.items()}
     start = time.perf_counter()
     models = load_models(recipe, RandomWeights(config.seed))
+    # Built here rather than through the registry so that the peer below shares these weights.
     eager = TorchRunner(component_spec("unet", recipe).wrap(models, recipe).eval(),
-                        manifests[REFERENCE.precision].components["unet"])
+                        opened[REFERENCE.precision].component("unet"))
     load_seconds = time.perf_counter() - start
     reference = eager.run(feeds)["latent"].copy()
     results = [measure(f"{REFERENCE.label} (eager)", "fp32", eager, load_seconds, feeds, reference, config, log,
@@ -64,21 +63,19 @@ def unet_step_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], e
     del runner
     for engines in [e for e in engine_sets if not e.is_reference]:
         gc.collect()
-        runner, load_seconds = graph_runner(engines, bundles[engines.precision], manifests[engines.precision],
-                                            config.threads)
+        runner, load_seconds = graph_runner(engines, opened[engines.precision], config.threads)
         results.append(measure(engines.label, engines.precision, runner, load_seconds, feeds, reference, config,
                                log))
         del runner
     return tuple(results)
 
 
-def graph_runner(engines: EngineSet, bundle: Path, manifest, threads: int | None):
-    """(the bundle's `unet` runner on `engines.backend`, seconds to load it)."""
-    from sdrun.backends import make_runners
+def graph_runner(engines: EngineSet, bundle, threads: int | None):
+    """(the opened bundle's `unet` runner on `engines.backend`, seconds to load it)."""
+    from sdrun.backends import BackendOptions, make_runners
 
-    options = {"threads": threads} if threads and engines.backend == "onnxruntime" else {}
     start = time.perf_counter()
-    runner = make_runners(engines.backend, bundle, manifest, ["unet"], **options)["unet"]
+    runner = make_runners(engines.backend, bundle, ["unet"], BackendOptions(threads=threads))["unet"]
     return runner, time.perf_counter() - start
 
 

@@ -7,7 +7,8 @@ Layout:
     <component>/*.plan             TensorRT engines, named by TensorRT version and GPU
 
 Tensor dims are ints or symbols bound at run time (see `ShapeBinding`); the runtime never
-re-declares a shape the manifest knows.
+re-declares a shape the manifest knows. `open_bundle` reads and verifies a bundle once: the
+manifest, the hashes of the components a run needs, and the tokenizer.
 """
 from __future__ import annotations
 
@@ -16,19 +17,16 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sdrun.errors import UserError
+from sdrun.recipe import Recipe, recipe_from_dict
+from sdrun.tokenizer import ClipTokenizer
 
 FORMAT = "sdcompile-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-
-# Symbolic dims. Batch counts prompts; `cfg_batch` is the UNet/text-encoder batch, 2·batch with
-# classifier-free guidance and batch without it. Heights and widths in pixels or latent cells.
-# `guided_batch` is always 2·batch (the step-fused UNet guides every step).
-SYMBOLS = ("batch", "cfg_batch", "guided_batch", "latent_height", "latent_width", "image_height", "image_width")
-
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
@@ -46,7 +44,12 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ShapeBinding:
-    """Values of the symbolic dims for one run."""
+    """Values of the symbolic dims for one run.
+
+    Batch counts prompts; `cfg_batch` is the UNet/text-encoder batch, 2·batch with classifier-free
+    guidance and batch without it; `guided_batch` is always 2·batch (the step-fused UNet guides every
+    step). Heights and widths in pixels (`image_*`) or latent cells (`latent_*`).
+    """
 
     batch: int
     cfg_batch: int
@@ -113,8 +116,8 @@ class ComponentRecord:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    recipe: dict  # the recipe as plain data (sdcompile.recipes.Recipe.to_dict())
-    source: dict  # {"kind": "random", "seed": N} or {"kind": "checkpoint", "path": ..., "sha256": ...}
+    recipe: Recipe  # stored as `Recipe.to_dict()`
+    source: dict  # {"kind": "random", "seed": N} or {"kind": "checkpoint", "path": ...}
     weights_sha256: str
     tokenizer: dict  # {"vocab": relative path, "sha256": ..., "pad_id": int, "context_length": int}
     components: dict  # name -> ComponentRecord
@@ -122,18 +125,9 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
-    @property
-    def vae_scale(self) -> int:
-        """Pixels per latent cell: 2^(number of VAE levels − 1)."""
-        return 2 ** (len(self.recipe["vae"]["ch_mult"]) - 1)
-
-    @property
-    def size_multiple(self) -> int:
-        """Image sizes must be multiples of this: pixels per latent cell × 2 per UNet level."""
-        return self.vae_scale * 2 ** (len(self.recipe["unet"]["channel_mult"]) - 1)
-
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["recipe"] = self.recipe.to_dict()
         data["components"] = {n: c.to_dict() for n, c in self.components.items()}
         return data
 
@@ -141,6 +135,7 @@ class Manifest:
     def from_dict(cls, data: dict) -> "Manifest":
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
+        values["recipe"] = recipe_from_dict(data["recipe"])
         values["components"] = {n: ComponentRecord.from_dict(c) for n, c in data["components"].items()}
         return cls(**values)
 
@@ -187,6 +182,8 @@ def read_manifest(bundle: Path) -> Manifest:
                         fix="re-export the bundle with this version of sdcompile")
     try:
         return Manifest.from_dict(data)
+    except UserError as err:
+        raise UserError(f"{path} holds an invalid recipe: {err.problem}", fix="re-export the bundle") from None
     except (KeyError, TypeError) as err:
         raise UserError(f"{path} is missing or has malformed entries ({err}).", fix="re-export the bundle") from None
 
@@ -211,5 +208,60 @@ def require_components(manifest: Manifest, names: list[str], bundle: Path) -> No
                         fix=f"sdcompile export --component {' --component '.join(missing)} --out {bundle} ...")
 
 
+def reexport_command(component: str, root: Path | str = "BUNDLE", recipe: str = "NAME") -> str:
+    return f"sdcompile export --recipe {recipe} --component {component} --out {root} ... --force"
+
+
 def _reexport_fix(component: str) -> str:
-    return f"re-export it: sdcompile export --component {component} --out BUNDLE ... --force"
+    return f"re-export it: {reexport_command(component)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """An opened bundle: its manifest, the components whose files were verified, and its tokenizer."""
+
+    root: Path
+    manifest: Manifest
+    tokenizer: ClipTokenizer
+    verified: frozenset[str]  # components whose files matched their hashes when opened
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.manifest.recipe
+
+    def component(self, name: str) -> ComponentRecord:
+        """The record of a component verified at opening (a component not asked for then is refused)."""
+        if name not in self.verified:
+            require_components(self.manifest, [name], self.root)
+            raise ValueError(f"component {name!r} was not verified when {self.root} was opened")
+        return self.manifest.components[name]
+
+    def graph_path(self, name: str) -> Path:
+        return self.root / self.component(name).graph
+
+    def rebuild_hint(self, name: str) -> str:
+        """The command that re-exports a component of this bundle."""
+        return reexport_command(name, self.root, self.recipe.name)
+
+
+def open_bundle(path: Path, needs: Callable[[Manifest], Sequence[str]] | None = None) -> Bundle:
+    """Read the manifest, check the files of the components a run `needs` (a function of the manifest;
+    None: every component) and load the tokenizer — each once.
+
+    Every problem is a UserError that names the re-export command.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    names = list(manifest.components) if needs is None else list(needs(manifest))
+    require_components(manifest, names, root)
+    for name in names:
+        verify_component_files(root, manifest.components[name])
+    return Bundle(root, manifest, load_tokenizer(root, manifest), frozenset(names))
+
+
+def load_tokenizer(root: Path, manifest: Manifest) -> ClipTokenizer:
+    path = root / manifest.tokenizer["vocab"]
+    if not path.is_file() or sha256_file(path) != manifest.tokenizer["sha256"]:
+        raise UserError(f"tokenizer vocabulary {path} is missing or does not match the manifest.",
+                        fix="re-export the bundle with `sdcompile export ... --force`")
+    return ClipTokenizer.from_file(path)

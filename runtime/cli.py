@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from sdrun import __version__
+from sdrun.backends import BACKEND_CHOICES
 from sdrun.errors import debug_option, run_cli
 
-BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
 @click.group(name="sdrun", context_settings={"help_option_names": ["-h", "--help"]})

@@ -166,8 +166,7 @@ def stale_engine_error(bundle: Path | str, verdict: EngineVerdict) -> UserError:
                      fix=f"rebuild it: {rebuild_command(bundle, verdict.component, static)}")
 
 
-def check_input_shapes(bundle: Path | str, component: str, shapes: dict[str, tuple[int, ...]],
-                       profile: dict) -> None:
+def check_input_shapes(component: str, shapes: dict[str, tuple[int, ...]], profile: dict, rebuild_hint: str) -> None:
     """Refuse input shapes outside the engine's optimization profile (min <= shape <= max per dim)."""
     for name, shape in shapes.items():
         low, high = profile[name]["min"], profile[name]["max"]
@@ -175,7 +174,7 @@ def check_input_shapes(bundle: Path | str, component: str, shapes: dict[str, tup
         if not inside:
             raise UserError(f"input {name!r} of {component} has a shape its TensorRT engine was not built for.",
                             expected=f"between {list(low)} and {list(high)}", got=str(list(shape)),
-                            fix=f"rebuild with a profile that covers it: {rebuild_command(bundle, component)} "
+                            fix=f"rebuild with a profile that covers it: {rebuild_hint} "
                                 "--min/--opt/--max batch=B,height=H,width=W (or --static --opt ...)")
 
 

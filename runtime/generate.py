@@ -8,11 +8,14 @@ from typing import Callable
 
 import numpy as np
 
+from sdrun.backends import BackendOptions
 from sdrun.backends.base import StageTimer
-from sdrun.bundle import read_manifest, require_components
+from sdrun.bundle import Bundle
 from sdrun.errors import UserError, stage
 from sdrun.images import output_paths, parameters_text, read_image, write_png
-from sdrun.pipeline import GenerationRequest, Pipeline, complete_request, needed_components
+from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
+from sdrun.recipe import Recipe
+from sdrun.session import open_for_run, pipeline_on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,48 +41,35 @@ class GenerateJob:
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
     """Every check that needs no model runs before the backend is loaded; returns the PNGs written."""
-    manifest = read_manifest(job.bundle)
     _check_output(job.out)
-    request = _request(job, manifest)
-    components = needed_components(manifest, None, img2img=job.image is not None)
-    require_components(manifest, components, job.bundle)
-    backend = resolve_backend(job.backend, job.bundle, manifest, components, echo)
-    options = {"threads": job.threads} if backend == "onnxruntime" and job.threads else {}
-    with stage(f"loading the {backend} backend"):
-        pipeline = Pipeline(job.bundle, backend, img2img=job.image is not None, **options)
+    img2img = job.image is not None
+    bundle = open_for_run(job.bundle, img2img=img2img)
+    request = complete_request(_request(job, bundle.recipe), bundle.recipe)
+    with stage(f"loading the {job.backend} backend"):
+        loaded = pipeline_on(bundle, job.backend, BackendOptions(threads=job.threads), echo)
+    backend = loaded.backend
     with stage("generating"):
-        result = pipeline.generate(request, on_step=progress)
+        result = loaded.pipeline.generate(request, on_step=progress)
     for dropped in set(result.dropped_tokens) - {0}:
-        echo(f"warning: the prompt is longer than {manifest.tokenizer['context_length']} tokens; "
+        echo(f"warning: the prompt is longer than {bundle.manifest.tokenizer['context_length']} tokens; "
              f"{dropped} tokens were dropped")
-    paths = output_paths(job.out, len(result.images))
-    final = result.request
-    text = parameters_text(final.prompt, final.negative_prompt, final.steps, final.guidance, final.seed,
-                           final.width, final.height, manifest.weights_sha256, manifest.recipe["name"],
-                           {"Backend": backend, **({"Denoising strength": final.strength} if job.image else {})})
     with stage("writing the PNG"):
-        for path, image in zip(paths, result.images):
-            write_png(path, image, text)
+        paths = write_images(job.out, result, bundle, backend, img2img)
     if not job.quiet:
-        echo(timing_table(result.timer, final.steps if job.image is None else None, pipeline.load_seconds))
+        echo(timing_table(result.timer, request.steps if not img2img else None, loaded.load_seconds))
     return paths
 
 
-def resolve_backend(name: str, bundle: Path, manifest, components: list[str], echo: Callable[[str], None]) -> str:
-    """`auto`: TensorRT when it is installed, a GPU is present and the engines fit; else ONNX Runtime, said aloud."""
-    if name == "tensorrt":
-        from sdrun.backends.tensorrt import require_tensorrt
-
-        require_tensorrt()
-    if name != "auto":
-        return name
-    from sdrun.backends.tensorrt import tensorrt_fallback_reason
-
-    reason = tensorrt_fallback_reason(bundle, manifest, components)
-    if reason is None:
-        return "tensorrt"
-    echo(f"TensorRT unavailable ({reason}); using onnxruntime")
-    return "onnxruntime"
+def write_images(out: Path, result: GenerationResult, bundle: Bundle, backend: str, img2img: bool) -> list[Path]:
+    """One PNG per image, each with the web UIs' `parameters` text."""
+    final = result.request
+    text = parameters_text(final.prompt, final.negative_prompt, final.steps, final.guidance, final.seed,
+                           final.width, final.height, bundle.manifest.weights_sha256, bundle.recipe.name,
+                           {"Backend": backend, **({"Denoising strength": final.strength} if img2img else {})})
+    paths = output_paths(out, len(result.images))
+    for path, image in zip(paths, result.images):
+        write_png(path, image, text)
+    return paths
 
 
 def timing_table(timer: StageTimer, steps: int | None, load_seconds: float) -> str:
@@ -101,16 +91,16 @@ def timing_table(timer: StageTimer, steps: int | None, load_seconds: float) -> s
     return "\n".join(out)
 
 
-def _request(job: GenerateJob, manifest) -> GenerationRequest:
-    image = read_image(job.image, job.width, job.height, manifest.size_multiple) if job.image else None
+def _request(job: GenerateJob, recipe: Recipe) -> GenerationRequest:
+    """The job as a request, with its image and noise files read (defaults are filled by the pipeline)."""
+    image = read_image(job.image, job.width, job.height, recipe.size_multiple) if job.image else None
     height = job.height or (image.shape[2] if image is not None else None)
     width = job.width or (image.shape[3] if image is not None else None)
-    request = GenerationRequest(
+    return GenerationRequest(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
         seed=job.seed, height=height, width=width, batch=job.batch, eta=job.eta,
         init_noise=_load_noise(job.init_noise) if job.init_noise else None, image=image,
         strength=job.strength if job.strength is not None else 0.75)
-    return complete_request(request, manifest)
 
 
 def _load_noise(path: Path) -> np.ndarray:

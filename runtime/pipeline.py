@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from sdrun import schedulers
-from sdrun.backends import make_runners
 from sdrun.backends.base import DenoisePlan, GraphRunner, StageTimer
-from sdrun.bundle import Manifest, read_manifest, require_components, sha256_file
+from sdrun.bundle import Bundle, Manifest
 from sdrun.errors import UserError
-from sdrun.tokenizer import ClipTokenizer
+from sdrun.recipe import Recipe, ShapeRange
+from sdrun.tokenizer import TokenizedBatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +35,14 @@ class GenerationRequest:
     init_noise: np.ndarray | None = None  # (batch, 4, h, w) float32 instead of the seeded draw
     image: np.ndarray | None = None  # img2img input (batch or 1, 3, H, W) float32 in [-1, 1]
     strength: float = 0.75  # img2img: fraction of the schedule re-run
+    validated: bool = dataclasses.field(default=False, compare=False)  # set by `complete_request` alone
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     images: np.ndarray  # (B, H, W, 3) uint8
     latents: np.ndarray  # (B, 4, h, w) float32, final latents before decoding
+    decoded: np.ndarray  # (B, 3, H, W) float32 VAE output in [-1, 1] (unclipped) before quantisation
     request: GenerationRequest  # with every default filled in
     timer: StageTimer
     dropped_tokens: tuple[int, ...]  # per prompt, tokens cut off at 77
@@ -49,55 +50,57 @@ class GenerationResult:
 
 
 class Pipeline:
-    """A loaded bundle on one backend.
+    """txt2img / img2img over an opened bundle and one runner per component it needs.
 
-    `step_fusion`: None uses the step-fused UNet when the bundle has it; True requires it;
-    False runs the plain UNet with guidance and the update on the host.
+    The runners come from the caller (`sdrun.session.load_pipeline`, the benchmark, a server): which
+    backend and which UNet variant is their choice; the pipeline uses `unet_step` when it is given.
     """
 
-    def __init__(self, bundle: Path, backend: str = "onnxruntime", step_fusion: bool | None = None,
-                 img2img: bool = False, **backend_options):
-        self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle)
-        self.recipe = self.manifest.recipe
-        components = needed_components(self.manifest, step_fusion, img2img)
-        require_components(self.manifest, components, self.bundle)
-        self.tokenizer = _load_tokenizer(self.bundle, self.manifest)
+    def __init__(self, bundle: Bundle, runners: Mapping[str, GraphRunner]):
+        self.bundle, self.recipe = bundle, bundle.recipe
         self.timer = StageTimer()
-        start = time.perf_counter()
-        runners = make_runners(backend, self.bundle, self.manifest, components, **backend_options)
-        self.load_seconds = time.perf_counter() - start
-        self.runners = {name: _TimedRunner(r, name, self.timer) for name, r in runners.items()}
+        self.runners = {name: _TimedRunner(r, name, self) for name, r in runners.items()}
+        self.step_fused = "unet_step" in runners
+
+    def complete(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with every None filled from the recipe, validated (once) before any heavy work."""
+        return request if request.validated else complete_request(request, self.recipe)
+
+    def token_ids(self, prompts: list[str]) -> TokenizedBatch:
+        """`.ids`: (len(prompts), context_length) int32, padded as the bundle's text encoder was trained."""
+        tokenizer = self.bundle.manifest.tokenizer
+        return self.bundle.tokenizer(prompts, tokenizer["pad_id"], tokenizer["context_length"])
+
+    def plan(self, request: GenerationRequest, rng: np.random.Generator, table=None) -> DenoisePlan:
+        """The per-step coefficients of a completed request (its DDIM table unless `table` is given)."""
+        table = table or ddim_table_of(self.recipe, request.steps, request.eta)
+        return denoise_plan(table, self.recipe, request.guidance, rng, latent_shape(request, self.recipe))
 
     def generate(self, request: GenerationRequest,
                  on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
-        request = complete_request(request, self.manifest)
+        request = self.complete(request)
         self.timer = StageTimer()
-        for runner in self.runners.values():
-            runner.timer = self.timer
         started = time.perf_counter()
         rng = np.random.default_rng(request.seed)
         context, dropped = self._encode_prompts(request)
-        table = _ddim_table(self.recipe, request.steps, request.eta)
+        table = ddim_table_of(self.recipe, request.steps, request.eta)
         if request.image is None:
             latents = self._initial_noise(request, rng)
         else:
             latents, table = self._img2img_start(request, table, rng)
-        plan = denoise_plan(table, self.recipe, request.guidance, rng, latents.shape)
-        fused = "unet_step" in self.runners
+        plan = self.plan(request, rng, table)
         start = time.perf_counter()
-        latents = denoise(self.runners, latents, context, plan, fused, on_step)
+        latents = denoise(self.runners, latents, context, plan, self.step_fused, on_step)
         self.timer.add("denoise", time.perf_counter() - start)
-        images = self._decode(latents)
+        decoded = self._decode(latents)
         self.timer.add("total", time.perf_counter() - started)
-        return GenerationResult(images, latents, request, self.timer, dropped, fused)
+        return GenerationResult(to_uint8(decoded), latents, decoded, request, self.timer, dropped, self.step_fused)
 
     def _encode_prompts(self, request: GenerationRequest) -> tuple[np.ndarray, tuple[int, ...]]:
         prompts = [request.prompt] * request.batch
         if request.guidance != 1.0:
             prompts = [request.negative_prompt] * request.batch + prompts
-        tokens = self.tokenizer(prompts, self.manifest.tokenizer["pad_id"],
-                                self.manifest.tokenizer["context_length"])
+        tokens = self.token_ids(prompts)
         start = time.perf_counter()
         context = self.runners["text_encoder"].run({"input_ids": tokens.ids})["text_embeddings"].copy()
         self.timer.add("text_encoder", time.perf_counter() - start)
@@ -105,7 +108,7 @@ class Pipeline:
         return context, tokens.dropped
 
     def _initial_noise(self, request: GenerationRequest, rng: np.random.Generator) -> np.ndarray:
-        shape = latent_shape(request, self.manifest)
+        shape = latent_shape(request, self.recipe)
         if request.init_noise is not None:
             return np.ascontiguousarray(request.init_noise, dtype=np.float32)
         return rng.standard_normal(shape, dtype=np.float32)
@@ -126,10 +129,10 @@ class Pipeline:
 
     def _decode(self, latents: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        images = self.runners["vae_decoder"].run({"latent": latents})["images"]
+        images = self.runners["vae_decoder"].run({"latent": latents})["images"].copy()
         self.timer.add("vae_decoder", time.perf_counter() - start)
         check_finite(images, "VAE decoder")
-        return to_uint8(images)
+        return images
 
 
 def denoise(runners: dict[str, GraphRunner], x: np.ndarray, context: np.ndarray, plan: DenoisePlan,
@@ -160,10 +163,9 @@ def denoise(runners: dict[str, GraphRunner], x: np.ndarray, context: np.ndarray,
     return x
 
 
-def denoise_plan(table: schedulers.DDIMTable, recipe: dict, guidance: float, rng: np.random.Generator,
+def denoise_plan(table: schedulers.DDIMTable, recipe: Recipe, guidance: float, rng: np.random.Generator,
                  latent_shape: tuple[int, ...]) -> DenoisePlan:
-    c_x, c_out = schedulers.ddim_step_coefficients(table.a_t, table.a_prev, table.sigma,
-                                                   schedulers.Parameterization(recipe["parameterization"]))
+    c_x, c_out = schedulers.ddim_step_coefficients(table.a_t, table.a_prev, table.sigma, recipe.parameterization)
     noise = None
     if np.any(table.sigma > 0):
         noise = rng.standard_normal((len(table), *latent_shape), dtype=np.float32)
@@ -172,55 +174,53 @@ def denoise_plan(table: schedulers.DDIMTable, recipe: dict, guidance: float, rng
                        guidance=float(guidance), noise=noise)
 
 
-def complete_request(request: GenerationRequest, manifest: Manifest) -> GenerationRequest:
-    """Fill None fields from the bundle's recipe and validate everything before any heavy work."""
-    recipe = manifest.recipe
+def complete_request(request: GenerationRequest, recipe: Recipe) -> GenerationRequest:
+    """Fill None fields from the recipe and validate everything before any heavy work."""
     filled = dataclasses.replace(
         request,
-        steps=recipe["default_steps"] if request.steps is None else request.steps,
-        guidance=recipe["default_guidance"] if request.guidance is None else request.guidance,
-        height=recipe["default_height"] if request.height is None else request.height,
-        width=recipe["default_width"] if request.width is None else request.width)
-    validate_request(filled, manifest, img2img=request.image is not None)
-    return filled
+        steps=recipe.default_steps if request.steps is None else request.steps,
+        guidance=recipe.default_guidance if request.guidance is None else request.guidance,
+        height=recipe.default_height if request.height is None else request.height,
+        width=recipe.default_width if request.width is None else request.width)
+    validate_request(filled, recipe, img2img=request.image is not None)
+    return dataclasses.replace(filled, validated=True)
 
 
-def validate_request(request: GenerationRequest, manifest: Manifest, img2img: bool) -> None:
-    recipe = manifest.recipe
-    shapes = recipe["shapes"]
-    multiple = manifest.size_multiple
+def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) -> None:
     if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
         raise UserError("steps must be a positive integer.", got=repr(request.steps), fix="e.g. --steps 50")
     for axis, value in (("height", request.height), ("width", request.width)):
-        rng = shapes[axis]
-        if value % multiple:
-            raise UserError(f"{axis} {value} is not a multiple of {multiple}.",
-                            expected=f"a multiple of {multiple} (8 pixels per latent × {multiple // 8} UNet levels)",
-                            got=str(value), fix=f"use {max(multiple, value - value % multiple)}")
-        if not rng["min"] <= value <= rng["max"]:
-            raise UserError(f"{axis} {value} is outside the bundle's profile.",
-                            expected=f"{rng['min']}..{rng['max']}", got=str(value),
-                            fix="pick a size in range, or widen shapes in the recipe and re-export")
-    batch = shapes["batch"]
-    if not batch["min"] <= request.batch <= batch["max"]:
-        raise UserError("batch is outside the bundle's profile.", expected=f"{batch['min']}..{batch['max']}",
+        _check_size(axis, value, getattr(recipe.shapes, axis), recipe.size_multiple)
+    batch = recipe.shapes.batch
+    if not batch.min <= request.batch <= batch.max:
+        raise UserError("batch is outside the bundle's profile.", expected=f"{batch.min}..{batch.max}",
                         got=str(request.batch), fix="lower --batch or widen shapes.batch in the recipe")
     if img2img:
         schedulers.img2img_start(request.steps, request.strength)
     if request.guidance < 1.0:
         raise UserError("guidance must be >= 1.", got=str(request.guidance), fix="use 1 (off) or e.g. 7.5")
     if request.init_noise is not None:
-        expected = latent_shape(request, manifest)
+        expected = latent_shape(request, recipe)
         if tuple(request.init_noise.shape) != expected:
             raise UserError("--init-noise has the wrong shape.", expected=str(expected),
                             got=str(tuple(request.init_noise.shape)),
                             fix="save (batch, 4, height/8, width/8) float32 noise with numpy.save")
 
 
-def latent_shape(request: GenerationRequest, manifest: Manifest) -> tuple[int, int, int, int]:
-    scale = manifest.vae_scale
-    channels = manifest.recipe["unet"]["in_channels"]
-    return (request.batch, channels, request.height // scale, request.width // scale)
+def _check_size(axis: str, value: int, allowed: ShapeRange, multiple: int) -> None:
+    if value % multiple:
+        raise UserError(f"{axis} {value} is not a multiple of {multiple}.",
+                        expected=f"a multiple of {multiple} (8 pixels per latent × {multiple // 8} UNet levels)",
+                        got=str(value), fix=f"use {max(multiple, value - value % multiple)}")
+    if not allowed.min <= value <= allowed.max:
+        raise UserError(f"{axis} {value} is outside the bundle's profile.",
+                        expected=f"{allowed.min}..{allowed.max}", got=str(value),
+                        fix="pick a size in range, or widen shapes in the recipe and re-export")
+
+
+def latent_shape(request: GenerationRequest, recipe: Recipe) -> tuple[int, int, int, int]:
+    scale = recipe.vae_scale
+    return (request.batch, recipe.unet.in_channels, request.height // scale, request.width // scale)
 
 
 def check_finite(array: np.ndarray, stage: str) -> None:
@@ -238,15 +238,16 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class _TimedRunner:
-    """Adds each call's seconds to the timer under 'graph:<component>'."""
+    """Adds each call's seconds to the owning pipeline's current timer under 'graph:<component>'."""
 
-    def __init__(self, runner: GraphRunner, name: str, timer: StageTimer):
-        self.runner, self.name, self.timer = runner, name, timer
+    def __init__(self, runner: GraphRunner, name: str, owner: Pipeline):
+        self.runner, self.name, self.owner = runner, name, owner
+        self.rebuild_hint = runner.rebuild_hint
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         result = self.runner.run(feeds)
-        self.timer.add(f"graph:{self.name}", time.perf_counter() - start)
+        self.owner.timer.add(f"graph:{self.name}", time.perf_counter() - start)
         return result
 
 
@@ -256,14 +257,5 @@ def needed_components(manifest: Manifest, step_fusion: bool | None, img2img: boo
     return ["text_encoder", "unet_step" if fused else "unet", "vae_decoder", *(["vae_encoder"] if img2img else [])]
 
 
-def _ddim_table(recipe: dict, steps: int, eta: float) -> schedulers.DDIMTable:
-    schedule = schedulers.DDPMSchedule(**recipe["schedule"])
-    return schedulers.ddim_table(schedule, steps, eta)
-
-
-def _load_tokenizer(bundle: Path, manifest: Manifest) -> ClipTokenizer:
-    path = bundle / manifest.tokenizer["vocab"]
-    if not path.is_file() or sha256_file(path) != manifest.tokenizer["sha256"]:
-        raise UserError(f"tokenizer vocabulary {path} is missing or does not match the manifest.",
-                        fix="re-export the bundle with `sdcompile export ... --force`")
-    return ClipTokenizer.from_file(path)
+def ddim_table_of(recipe: Recipe, steps: int, eta: float) -> schedulers.DDIMTable:
+    return schedulers.ddim_table(recipe.schedule, steps, eta)

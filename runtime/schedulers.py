@@ -14,27 +14,11 @@ ldm's uniform discretization takes every c-th training timestep, c = T // S, shi
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 import numpy as np
 
 from sdrun.errors import UserError
-
-
-class Parameterization(enum.Enum):
-    """What the UNet predicts."""
-
-    EPS = "eps"  # the noise ε (SD 1.x, SD 2.x base)
-    V = "v"  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022; SD 2.x 768-v)
-
-
-@dataclasses.dataclass(frozen=True)
-class DDPMSchedule:
-    """Training noise schedule: β = linspace(sqrt(linear_start), sqrt(linear_end), timesteps)²."""
-
-    linear_start: float
-    linear_end: float
-    timesteps: int
+from sdrun.recipe import DDPMSchedule, Parameterization
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -24,7 +24,7 @@ from sdcompile.fingerprint import models_sha256
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.passes import default_passes, optimize_model, run_pass
 from sdcompile.recipes import Recipe, TokenizerPadding
-from sdcompile.verify import check_output
+from sdcompile.verify import verify_graph
 from sdcompile.weights import RandomWeights, load_models
 from sdrun.bundle import (MANIFEST_NAME, ComponentRecord, Manifest, read_manifest, sha256_file,
                           write_json_atomic)
@@ -69,7 +69,7 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
         for name in names:
             with stage(f"exporting {name}"):
                 records[name] = _export_component(name, models, config, staging, records, log)
-        manifest = Manifest(recipe=config.recipe.to_dict(), source=source, weights_sha256=weights_hash,
+        manifest = Manifest(recipe=config.recipe, source=source, weights_sha256=weights_hash,
                             tokenizer=_copy_tokenizer(config.recipe, staging), components=records,
                             tools=tool_versions())
         write_json_atomic(staging / MANIFEST_NAME, manifest.to_dict())
@@ -107,7 +107,7 @@ def _export_component(name: str, models, config: ExportConfig, staging: Path, re
     report = {"export_seconds": phases.total(), "passes": pass_report}
     if config.verify:
         checked = spec.sample(config.recipe, verify_binding(config.recipe), torch.Generator().manual_seed(config.seed + 1))
-        report["verification"] = _verify(name, module, checked, written[0], config.precision, log)
+        report["verification"] = verify_graph(name, module, checked, written[0], config.precision, log)
         phases.done("verified")
     report["phases"] = phases.seconds
     return ComponentRecord(
@@ -161,30 +161,6 @@ def _with_bases(names: list[str], recipe: Recipe) -> list[str]:
     return selected_components([*names, *bases])
 
 
-def _verify(name: str, module: torch.nn.Module, inputs: dict, graph: Path, precision: Precision, log) -> list[dict]:
-    """Run the graph on ONNX Runtime CPU and gate every output against eager PyTorch."""
-    import onnxruntime as ort
-
-    with torch.no_grad():
-        reference = module(*inputs.values())
-    references = reference if isinstance(reference, tuple) else (reference,)
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    feeds = {k: v.numpy() for k, v in inputs.items()}
-    outputs = session.run(None, feeds)
-    results = []
-    for value, expected, actual in zip(session.get_outputs(), references, outputs):
-        gate = check_output(value.name, expected.numpy(), actual, precision)
-        log(f"[{name}] gate {gate.describe()}")
-        if not gate.passed:
-            raise UserError(f"{name}: the exported graph does not reproduce eager PyTorch.",
-                            expected=f"{gate.statistic} within {gate.threshold:g}",
-                            got=f"{gate.statistic} = {gate.value:.6g} ({gate.metrics})",
-                            fix="export in fp32, or keep more nodes in fp32 (fp16 islands)"
-                            if precision is Precision.FP16 else "report this graph; export with --no-verify to inspect it")
-        results.append(dataclasses.asdict(gate))
-    return results
-
-
 def tool_versions() -> dict:
     import onnx
     import onnxruntime
@@ -227,8 +203,8 @@ def _previous_bundle(out: Path, force: bool) -> Manifest | None:
 
 def _check_same_origin(previous: Manifest, recipe: Recipe, weights_hash: str, out: Path) -> None:
     """Refuse to mix components made from another recipe or other weights into one bundle."""
-    if previous.recipe != recipe.to_dict():
-        raise UserError(f"bundle {out} was made from recipe {previous.recipe.get('name')!r}, not {recipe.name!r}.",
+    if previous.recipe != recipe:
+        raise UserError(f"bundle {out} was made from recipe {previous.recipe.name!r}, not {recipe.name!r}.",
                         fix="export into a new directory, or pass --force to replace the bundle")
     if previous.weights_sha256 != weights_hash:
         raise UserError(f"bundle {out} was made from other weights ({_describe_source_record(previous.source)}).",

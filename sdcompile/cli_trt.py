@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from sdcompile.trt_profiles import LEVELS, ShapeMode, ShapeRequest, parse_shape_override
+from sdcompile.trt_profiles import ShapeMode, ShapeRequest, parse_shape_override
+from sdrun.engine_files import LEVELS
 
 SHAPE_HELP = "profile {} shapes as AXIS=VALUE pairs, e.g. batch=2,height=768,width=768 (recipe's value where absent)"
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from sdcompile.recipes import recipe_from_dict
 from sdcompile.trt_profiles import ShapeRequest, check_profile_against_graph, is_static, profile_from_request
 from sdrun.atomic import write_atomic
 from sdrun.backends.tensorrt import ATTENTION_TENSORRT, require_tensorrt
@@ -69,7 +68,7 @@ def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> 
     bundle = Path(request.bundle)
     manifest = read_manifest(bundle)
     names = components_to_build(manifest, request.components)
-    recipe = recipe_from_dict(manifest.recipe)
+    recipe = manifest.recipe
     profiles = {n: profile_from_request(recipe, manifest.components[n].inputs, request.options.shapes) for n in names}
     target = BuildTarget(trt.__version__, cuda.compute_capability(), cuda.device_name())
     logger = trt.Logger(trt.Logger.WARNING)

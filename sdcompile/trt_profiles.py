@@ -13,10 +13,10 @@ import enum
 
 from sdcompile.recipes import Recipe, ShapeRange, ShapeRanges
 from sdrun.bundle import ShapeBinding, TensorSpec, resolve_shape
+from sdrun.engine_files import LEVELS
 from sdrun.errors import UserError
 
 AXES = ("batch", "height", "width")
-LEVELS = ("min", "opt", "max")
 
 
 class ShapeMode(enum.Enum):
@@ -73,20 +73,17 @@ def check_ranges(ranges: ShapeRanges, size_multiple: int, overrides: dict | None
                             fix=f"round {bad[0]} to {_nearest_multiple(bad[0], size_multiple)}")
 
 
-def bindings_from_ranges(ranges: ShapeRanges, vae_scale: int, mode: ShapeMode,
-                         always_guided: bool = False) -> dict[str, ShapeBinding]:
+def bindings_from_ranges(ranges: ShapeRanges, vae_scale: int, mode: ShapeMode) -> dict[str, ShapeBinding]:
     """Symbol values per level; `cfg_batch` spans batch.min (guidance 1) to 2·batch.max (CFG).
 
-    `always_guided`: the graph takes `batch` and `cfg_batch` together (the step-fused UNet
-    doubles its sample inside), so cfg_batch = 2·batch at every level. Static engines serve
-    classifier-free guidance at the opt batch: cfg_batch = 2·batch.opt.
+    Static engines serve classifier-free guidance at the opt batch: cfg_batch = 2·batch.opt.
+    (`guided_batch`, the step-fused UNet's, is 2·batch at every level by its definition.)
     """
     b, h, w = ranges.batch, ranges.height, ranges.width
     if mode is ShapeMode.STATIC:
         opt = ShapeBinding(b.opt, 2 * b.opt, h.opt, w.opt, vae_scale)
         return {level: opt for level in LEVELS}
-    low = 2 * b.min if always_guided else b.min
-    return {"min": ShapeBinding(b.min, low, h.min, w.min, vae_scale),
+    return {"min": ShapeBinding(b.min, b.min, h.min, w.min, vae_scale),
             "opt": ShapeBinding(b.opt, 2 * b.opt, h.opt, w.opt, vae_scale),
             "max": ShapeBinding(b.max, 2 * b.max, h.max, w.max, vae_scale)}
 
@@ -99,9 +96,7 @@ def shapes_from_bindings(inputs: tuple[TensorSpec, ...], bindings: dict[str, Sha
 def profile_from_request(recipe: Recipe, inputs: tuple[TensorSpec, ...], request: ShapeRequest) -> dict:
     """The engine profile of one component: recipe ranges + overrides -> per-input min/opt/max."""
     ranges = request_ranges(recipe, request)
-    symbols = {d for spec in inputs for d in spec.dims if isinstance(d, str)}
-    always_guided = {"batch", "cfg_batch"} <= symbols
-    return shapes_from_bindings(inputs, bindings_from_ranges(ranges, recipe.vae_scale, request.mode, always_guided))
+    return shapes_from_bindings(inputs, bindings_from_ranges(ranges, recipe.vae_scale, request.mode))
 
 
 def is_static(profile: dict) -> bool:

@@ -1,57 +1,43 @@
-"""Accuracy gates: every exported graph is run on ONNX Runtime CPU and compared with eager PyTorch.
+"""Export verification: every exported graph runs on ONNX Runtime CPU against eager PyTorch.
 
-Each gate names its statistic. fp32 graphs must reproduce eager within float rounding of a
-different summation order; fp16 gates follow what deployment tools accept for SD (cosine of
-embeddings/noise predictions, PSNR of decoded images), with margin for fp16's 11-bit mantissa.
+The gates (statistic and threshold per output and precision) are `sdrun.gates.output_gate`'s; an
+output that fails its gate stops the export with the value it reached.
 """
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
 
-import numpy as np
+import torch
 
 from sdcompile.options import Precision
-from sdrun.metrics import compare
-
-FP32_MAX_REL_L2 = 1e-5  # relative L2 of any non-image output vs eager fp32
-# Decoded fp32 images: a deep conv stack at 512² accumulates reordering error past 1e-5 relative L2
-# (SD 1.5 VAE: 1.6e-5), so images are gated on what survives quantisation instead: every pixel
-# within 1e-3 in [-1, 1] units, an eighth of one 8-bit level.
-FP32_MAX_IMAGE_ABS = 1e-3
-FP16_MIN_COSINE = 0.999  # text embeddings, UNet output, encoder moments vs eager fp32
-FP16_MIN_IMAGE_PSNR_DB = 35.0  # decoded images in [-1, 1] (range 2) vs eager fp32
-IMAGE_OUTPUTS = {"images"}
+from sdrun.errors import UserError
+from sdrun.gates import check_output
 
 
-@dataclasses.dataclass(frozen=True)
-class GateResult:
-    output: str
-    statistic: str
-    threshold: float
-    value: float
-    passed: bool
-    metrics: dict
+def verify_graph(name: str, module: torch.nn.Module, inputs: dict, graph: Path, precision: Precision,
+                 log) -> list[dict]:
+    """Gate every output of `graph` on `inputs` against `module`; returns the verdicts as plain data."""
+    import onnxruntime as ort
 
-    def describe(self) -> str:
-        verdict = "ok" if self.passed else "FAILED"
-        relation = "<=" if self.statistic in ("rel_l2", "max_abs") else ">="
-        return (f"{self.output}: {self.statistic} = {self.value:.6g} (needs {relation} {self.threshold:g}) {verdict}")
+    with torch.no_grad():
+        reference = module(*inputs.values())
+    references = reference if isinstance(reference, tuple) else (reference,)
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    verdicts = []
+    for value, expected, actual in zip(session.get_outputs(), references, outputs):
+        verdict = check_output(value.name, value.name, expected.numpy(), actual, precision.value)
+        log(f"[{name}] gate {verdict.describe()}")
+        if not verdict.passed:
+            raise _failed(name, verdict, precision)
+        verdicts.append(verdict.to_dict())
+    return verdicts
 
 
-def check_output(name: str, reference: np.ndarray, candidate: np.ndarray, precision: Precision) -> GateResult:
-    """Compare one output against the eager reference under the gate for its precision."""
-    is_image = name in IMAGE_OUTPUTS
-    metrics = compare(reference, candidate.astype(np.float32), data_range=2.0 if is_image else None)
-    if precision is Precision.FP32 and is_image:
-        statistic, threshold, value = "max_abs", FP32_MAX_IMAGE_ABS, metrics.max_abs
-        passed = value <= threshold
-    elif precision is Precision.FP32:
-        statistic, threshold, value = "rel_l2", FP32_MAX_REL_L2, metrics.rel_l2
-        passed = value <= threshold
-    elif is_image:
-        statistic, threshold, value = "psnr_db", FP16_MIN_IMAGE_PSNR_DB, metrics.psnr_db
-        passed = value >= threshold
-    else:
-        statistic, threshold, value = "cosine", FP16_MIN_COSINE, metrics.cosine
-        passed = value >= threshold
-    return GateResult(name, statistic, threshold, value, passed, metrics.to_dict())
+def _failed(name: str, verdict, precision: Precision) -> UserError:
+    statistic = verdict.gate.statistic
+    return UserError(f"{name}: the exported graph does not reproduce eager PyTorch.",
+                     expected=f"{statistic.value} {statistic.relation} {verdict.gate.threshold:g}",
+                     got=f"{statistic.value} = {verdict.value:.6g} ({verdict.statistics})",
+                     fix="export in fp32, or keep more nodes in fp32 (fp16 islands)"
+                     if precision is Precision.FP16 else "report this graph; export with --no-verify to inspect it")

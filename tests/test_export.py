@@ -14,8 +14,8 @@ from sdcompile.cli import cli
 from sdcompile.components import COMPONENTS, component_spec
 from sdcompile.inspection import inspect_path
 from sdcompile.recipes import RECIPES_DIR, load_recipe
-from sdcompile.verify import FP16_MIN_COSINE, FP16_MIN_IMAGE_PSNR_DB, FP32_MAX_REL_L2
 from sdcompile.weights import RandomWeights, load_models
+from sdrun.gates import FP16_IMAGE_OUTPUT, FP16_OUTPUT, FP32_OUTPUT
 from sdrun.bundle import ShapeBinding, read_manifest
 from sdrun.errors import UserError
 from sdrun.metrics import compare
@@ -66,7 +66,7 @@ def test_manifest_describes_every_component(tiny_bundle):
 @pytest.mark.parametrize("name", list(COMPONENTS))
 def test_fp32_graph_matches_eager_at_another_shape(tiny_bundle, tiny_models, name):
     expected, actual = _graph_vs_eager(tiny_bundle, name, tiny_models, OTHER_SHAPE)
-    assert compare(expected, actual).rel_l2 <= FP32_MAX_REL_L2
+    assert compare(expected, actual).rel_l2 <= FP32_OUTPUT.threshold
 
 
 @pytest.mark.parametrize("name", list(COMPONENTS))
@@ -74,9 +74,9 @@ def test_fp16_graph_meets_its_gate_at_another_shape(tiny_bundle_fp16, tiny_model
     expected, actual = _graph_vs_eager(tiny_bundle_fp16, name, tiny_models, OTHER_SHAPE)
     result = compare(expected, actual.astype(np.float32), data_range=2.0)
     if name == "vae_decoder":
-        assert result.psnr_db >= FP16_MIN_IMAGE_PSNR_DB, result
+        assert result.psnr_db >= FP16_IMAGE_OUTPUT.threshold, result
     else:
-        assert result.cosine >= FP16_MIN_COSINE, result
+        assert result.cosine >= FP16_OUTPUT.threshold, result
 
 
 def test_explicit_attention_is_fused_completely(tiny_bundle_fp16):
@@ -214,4 +214,4 @@ def test_optimize_fuses_a_diffusers_unet_exported_by_torchscript(tmp_path):
     feeds = {name: t.numpy() for name, t in zip(("sample", "timestep", "encoder_hidden_states"), inputs)}
     before = ort.InferenceSession(str(source)).run(None, feeds)[0]
     after = ort.InferenceSession(str(tmp_path / "fused.onnx")).run(None, feeds)[0]
-    assert compare(before, after).rel_l2 <= FP32_MAX_REL_L2
+    assert compare(before, after).rel_l2 <= FP32_OUTPUT.threshold

@@ -79,13 +79,14 @@ def test_twin_file_has_the_released_key_layout(family):
 
 def test_exported_twin_matches_diffusers_on_the_same_file(twin):
     from benchmarks.peer import diffusers_pipeline, run_peer
-    from sdrun.pipeline import GenerationRequest, Pipeline
+    from sdrun.pipeline import GenerationRequest
+    from sdrun.session import load_pipeline
 
     noise = np.random.default_rng(7).standard_normal((1, 4, SIZE // 8, SIZE // 8), dtype=np.float32)
-    pipeline = Pipeline(twin.bundle, "onnxruntime")
+    pipeline = load_pipeline(twin.bundle, "onnxruntime").pipeline
     result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE_PROMPT, steps=STEPS, guidance=GUIDANCE,
                                                  height=SIZE, width=SIZE, init_noise=noise))
-    ours = np.clip(pipeline.runners["vae_decoder"].run({"latent": result.latents})["images"], -1.0, 1.0)
+    ours = np.clip(result.decoded, -1.0, 1.0)
     peer = diffusers_pipeline(load_file(str(twin.file)), load_recipe(twin.recipe_name))
     theirs = run_peer(peer, PROMPT, NEGATIVE_PROMPT, STEPS, GUIDANCE, noise, SIZE, SIZE)
     image = compare(ours, theirs, data_range=2.0)

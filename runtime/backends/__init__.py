@@ -1,29 +1,70 @@
-"""Backends, registered by name. Each makes one GraphRunner per bundle component."""
+"""The backend registry: every backend makes runners with one signature, and `auto` is resolved here.
+
+A factory takes an opened bundle (its files already verified), the components to load and the
+options, and returns one `GraphRunner` per component. Factories are imported only when used, so
+choosing onnxruntime never imports torch or TensorRT.
+"""
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
 
 from sdrun.backends.base import GraphRunner
-from sdrun.bundle import Manifest
+from sdrun.bundle import Bundle
 from sdrun.errors import UserError
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+# name -> "module:factory", each factory `(bundle, components, options) -> {component: GraphRunner}`
+BACKENDS = {
+    "onnxruntime": "sdrun.backends.onnxruntime:onnxruntime_runners",
+    "tensorrt": "sdrun.backends.tensorrt:tensorrt_runners",
+    "torch": "sdrun.backends.torch:torch_runners",
+}
+AUTO = "auto"
+BACKEND_CHOICES = (AUTO, *BACKENDS)
 
 
-def make_runners(backend: str, bundle: Path, manifest: Manifest, components: list[str],
-                 **options) -> dict[str, GraphRunner]:
-    """Runners for `components` on `backend` (the files are verified against the manifest first)."""
-    if backend == "onnxruntime":
-        from sdrun.backends.onnxruntime import onnxruntime_runners
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """What a caller may tune; None means the backend's default. Options a backend has no use for are ignored."""
 
-        return onnxruntime_runners(bundle, manifest, components, **options)
-    if backend == "tensorrt":
-        from sdrun.backends.tensorrt import tensorrt_runners
+    threads: int | None = None  # ONNX Runtime intra-op threads
+    providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, in order of preference
 
-        return tensorrt_runners(bundle, manifest, components)
-    if backend == "torch":
-        from sdrun.backends.torch import torch_runners
 
-        return torch_runners(bundle, manifest, components)
-    raise UserError(f"unknown backend {backend!r}.", expected=" | ".join(("auto", *BACKENDS)),
-                    got=repr(backend), fix="pick one of the backends above")
+Factory = Callable[[Bundle, Sequence[str], BackendOptions], dict[str, GraphRunner]]
+
+
+def backend_factory(name: str) -> Factory:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}.", expected=" | ".join(BACKEND_CHOICES), got=repr(name),
+                        fix="pick one of the backends above")
+    module, attribute = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def make_runners(backend: str, bundle: Bundle, components: Sequence[str],
+                 options: BackendOptions = BackendOptions()) -> dict[str, GraphRunner]:
+    """Runners for `components` of an opened bundle on `backend` (a name from BACKENDS, not `auto`)."""
+    return backend_factory(backend)(bundle, list(components), options)
+
+
+def resolve_backend(name: str, bundle: Bundle, components: Sequence[str], echo: Callable[[str], None]) -> str:
+    """`auto`: TensorRT when it is installed, a GPU is present and the engines fit; else ONNX Runtime, said aloud.
+
+    An explicit `tensorrt` is checked here too, so a missing TensorRT is reported before any loading.
+    """
+    if name not in BACKEND_CHOICES:
+        backend_factory(name)
+    if name not in (AUTO, "tensorrt"):
+        return name
+    from sdrun.backends.tensorrt import require_tensorrt, tensorrt_fallback_reason
+
+    if name == "tensorrt":
+        require_tensorrt()
+        return name
+    reason = tensorrt_fallback_reason(bundle, components)
+    if reason is None:
+        return "tensorrt"
+    echo(f"TensorRT unavailable ({reason}); using onnxruntime")
+    return "onnxruntime"

@@ -1,9 +1,9 @@
-"""The one protocol every backend implements, and the denoising loop written once over it.
+"""The one protocol every backend implements, and the plan the denoising loop follows.
 
 A backend is a set of graph runners, one per bundle component, each taking and returning
 named numpy arrays. ONNX Runtime, TensorRT and eager PyTorch differ only in how they make
-runners; the loop, classifier-free guidance and the sampler update live here and in
-`sdrun.schedulers`, never in a backend.
+runners (`sdrun.backends.BACKENDS`); the loop (`sdrun.pipeline`), classifier-free guidance
+and the sampler update (`sdrun.schedulers`) never live in a backend.
 """
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ import numpy as np
 
 
 class GraphRunner(Protocol):
-    """Runs one component; feeds and results are keyed by the manifest's tensor names."""
+    """Runs one component; feeds and results are keyed by the manifest's tensor names.
+
+    Results may live in buffers the runner reuses: they stay valid until the same runner runs again.
+    `rebuild_hint` is the command that rebuilds what the runner loaded, for error messages.
+    """
+
+    rebuild_hint: str
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 

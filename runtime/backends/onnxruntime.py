@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrun.bundle import ComponentRecord, Manifest, binding_from_feeds, resolve_shape, verify_component_files
+from sdrun.backends import BackendOptions
+from sdrun.bundle import Bundle, ComponentRecord, binding_from_feeds, resolve_shape
 from sdrun.errors import MissingDependencyError
 
 INSTALL = "pip install onnxruntime   (or onnxruntime-gpu for the CUDA provider)"
@@ -32,15 +33,15 @@ def default_providers() -> list[str]:
 class OnnxRuntimeRunner:
     """One component's graph in an InferenceSession with reused output buffers."""
 
-    def __init__(self, graph: Path, record: ComponentRecord, vae_scale: int, providers: list[str] | None = None,
-                 threads: int | None = None):
+    def __init__(self, graph: Path, record: ComponentRecord, vae_scale: int, rebuild_hint: str,
+                 options: BackendOptions):
         ort = import_onnxruntime()
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(graph), options, providers=providers or default_providers())
-        self.record = record
-        self.vae_scale = vae_scale
+        session_options = ort.SessionOptions()
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
+        providers = list(options.providers) if options.providers else default_providers()
+        self.session = ort.InferenceSession(str(graph), session_options, providers=providers)
+        self.record, self.vae_scale, self.rebuild_hint = record, vae_scale, rebuild_hint
         self._outputs: dict[tuple, dict[str, np.ndarray]] = {}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -62,12 +63,6 @@ class OnnxRuntimeRunner:
         return self._outputs[key]
 
 
-
-def onnxruntime_runners(bundle: Path, manifest: Manifest, components: list[str],
-                        providers: list[str] | None = None, threads: int | None = None) -> dict[str, OnnxRuntimeRunner]:
-    runners = {}
-    for name in components:
-        record = manifest.components[name]
-        verify_component_files(bundle, record)
-        runners[name] = OnnxRuntimeRunner(bundle / record.graph, record, manifest.vae_scale, providers, threads)
-    return runners
+def onnxruntime_runners(bundle: Bundle, components: list[str], options: BackendOptions) -> dict[str, OnnxRuntimeRunner]:
+    return {name: OnnxRuntimeRunner(bundle.graph_path(name), bundle.component(name), bundle.recipe.vae_scale,
+                                    bundle.rebuild_hint(name), options) for name in components}

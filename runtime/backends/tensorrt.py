@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import weakref
@@ -27,7 +28,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sdrun.bundle import ComponentRecord, Manifest, require_components
+from sdrun.backends import BackendOptions
+from sdrun.bundle import Bundle, ComponentRecord
 from sdrun.engine_files import (EngineVerdict, check_input_shapes, engine_verdict, file_verdict, rebuild_command,
                                 stale_engine_error, version_tuple)
 from sdrun.errors import MissingDependencyError, UserError
@@ -126,36 +128,54 @@ class Cuda:
         self.check(self.rt.cudaStreamSynchronize(stream))
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorRTProbe:
+    """What this process found, asked once: TensorRT and CUDA Python, or the UserError saying why not."""
+
+    trt: object | None
+    cuda: Cuda | None
+    problem: UserError | None
+    device_count: int = 0
+
+
+@functools.lru_cache(maxsize=1)
+def probe_tensorrt() -> TensorRTProbe:
+    """Import TensorRT and CUDA Python and count devices, once per process."""
+    try:
+        trt, cuda = import_tensorrt(), Cuda(import_cudart())
+    except UserError as err:
+        return TensorRTProbe(None, None, err)
+    try:
+        count = cuda.device_count()
+    except CudaError as err:
+        return TensorRTProbe(trt, cuda, UserError(
+            f"TensorRT needs an NVIDIA GPU and driver, and CUDA reports none usable ({err}).",
+            fix="run on a machine with an NVIDIA GPU and a driver that supports your CUDA version, "
+                "or use --backend onnxruntime"))
+    if count == 0:
+        return TensorRTProbe(trt, cuda, UserError("TensorRT needs an NVIDIA GPU, and no CUDA device is visible.",
+                                                  fix="check CUDA_VISIBLE_DEVICES and the driver, or use "
+                                                      "--backend onnxruntime"))
+    return TensorRTProbe(trt, cuda, None, count)
+
+
 def tensorrt_available() -> tuple[bool, str]:
     """(True, description) when TensorRT, CUDA Python and a CUDA device are all present; else (False, reason)."""
-    try:
-        trt = import_tensorrt()
-        count = Cuda(import_cudart()).device_count()
-    except UserError as err:
-        return False, f"{err.problem} {err.fix}"
-    except CudaError as err:
-        return False, f"no usable CUDA device ({err})"
-    if count == 0:
-        return False, "no CUDA device is visible"
-    return True, f"TensorRT {trt.__version__}, {count} CUDA device(s)"
+    probe = probe_tensorrt()
+    if probe.problem:
+        return False, f"{probe.problem.problem} {probe.problem.fix}"
+    return True, f"TensorRT {probe.trt.__version__}, {probe.device_count} CUDA device(s)"
 
 
 def require_tensorrt() -> tuple:
     """(tensorrt module, Cuda) or a UserError (exit code 2) saying what to install or why no GPU."""
-    trt, cuda = import_tensorrt(), Cuda(import_cudart())
-    try:
-        count = cuda.device_count()
-    except CudaError as err:
-        raise UserError(f"TensorRT needs an NVIDIA GPU and driver, and CUDA reports none usable ({err}).",
-                        fix="run on a machine with an NVIDIA GPU and a driver that supports your CUDA version, "
-                            "or use --backend onnxruntime") from None
-    if count == 0:
-        raise UserError("TensorRT needs an NVIDIA GPU, and no CUDA device is visible.",
-                        fix="check CUDA_VISIBLE_DEVICES and the driver, or use --backend onnxruntime")
-    return trt, cuda
+    probe = probe_tensorrt()
+    if probe.problem:
+        raise probe.problem
+    return probe.trt, probe.cuda
 
 
-def tensorrt_fallback_reason(bundle: Path, manifest: Manifest, components: list[str]) -> str | None:
+def tensorrt_fallback_reason(bundle: Bundle, components: list[str]) -> str | None:
     """Why `--backend auto` cannot use TensorRT for these components (None: it can).
 
     Checks packages, device and the manifest's engine records; engine files are hashed only
@@ -164,26 +184,25 @@ def tensorrt_fallback_reason(bundle: Path, manifest: Manifest, components: list[
     available, reason = tensorrt_available()
     if not available:
         return reason
-    trt, cuda = import_tensorrt(), Cuda(import_cudart())
+    trt, cuda = require_tensorrt()
     capability = cuda.compute_capability()
     for name in components:
-        if name not in manifest.components:
+        if name not in bundle.manifest.components:
             return f"the bundle has no component {name!r}"
-        verdict = engine_verdict(manifest.components[name], trt.__version__, capability)
+        verdict = engine_verdict(bundle.manifest.components[name], trt.__version__, capability)
         if not verdict.usable:
-            return f"{name}: {verdict.reason.value}; build it with {rebuild_command(bundle, name)}"
+            return f"{name}: {verdict.reason.value}; build it with {rebuild_command(bundle.root, name)}"
     return None
 
 
-def tensorrt_runners(bundle: Path, manifest: Manifest, components: list[str]) -> dict:
+def tensorrt_runners(bundle: Bundle, components: list[str], options: BackendOptions) -> dict:
     """One TensorRT runner per component, sharing a stream and a scratch allocation.
 
     Refuses (UserError naming the rebuild command) any engine built by another TensorRT, for
     another GPU architecture, from another ONNX graph, or whose file changed.
     """
     trt, cuda = require_tensorrt()
-    require_components(manifest, components, bundle)
-    return EngineGroup(Path(bundle), manifest, components, trt, cuda).runners
+    return EngineGroup(bundle, components, trt, cuda).runners
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,15 +228,15 @@ class DeviceMemoryApi:
 class EngineGroup:
     """Engines, contexts, the stream and every device allocation of one bundle's TensorRT runners."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, components: list[str], trt, cuda: Cuda):
+    def __init__(self, bundle: Bundle, components: list[str], trt, cuda: Cuda):
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
         capability = cuda.compute_capability()
-        verdicts = {n: engine_verdict(manifest.components[n], trt.__version__, capability) for n in components}
+        verdicts = {n: engine_verdict(bundle.component(n), trt.__version__, capability) for n in components}
         for verdict in verdicts.values():
             if not verdict.usable:
-                raise stale_engine_error(bundle, verdict)
-        engines = {n: engine_from_bundle(runtime, bundle, v) for n, v in verdicts.items()}
+                raise stale_engine_error(bundle.root, verdict)
+        engines = {n: engine_from_bundle(runtime, bundle.root, v) for n, v in verdicts.items()}
         self.cuda, self.allocations = cuda, DeviceAllocations(cuda)
         self._finalizer = weakref.finalize(self, self.allocations.release)
         self.stream = self.allocations.stream()
@@ -227,8 +246,9 @@ class EngineGroup:
         self.runners = {}
         for name, engine in engines.items():
             context = context_with_memory(trt, engine, memory, scratch, scratch_size)
-            self.runners[name] = TensorRTRunner(self, engine, context, manifest.components[name],
-                                                verdicts[name], bundle, trt)
+            hint = rebuild_command(bundle.root, name, verdicts[name].record.static)
+            self.runners[name] = TensorRTRunner(self, engine, context, bundle.component(name), verdicts[name],
+                                                hint, trt)
 
     def close(self) -> None:
         """Drop the contexts and free every device allocation now (also done when collected)."""
@@ -301,16 +321,16 @@ class TensorRTRunner:
     """One engine; `run` takes and returns numpy arrays keyed by the manifest's tensor names."""
 
     def __init__(self, group: EngineGroup, engine: trt.ICudaEngine, context: trt.IExecutionContext,
-                 record: ComponentRecord, verdict: EngineVerdict, bundle: Path, trt):
+                 record: ComponentRecord, verdict: EngineVerdict, rebuild_hint: str, trt):
         self.group, self.engine, self.context = group, engine, context
-        self.record, self.profile, self.bundle = record, verdict.record.profile, bundle
-        self.dtypes = engine_tensor_dtypes(engine, record, bundle, trt)
+        self.record, self.profile, self.rebuild_hint = record, verdict.record.profile, rebuild_hint
+        self.dtypes = engine_tensor_dtypes(engine, record, rebuild_hint, trt)
         self._buffers: dict[tuple, ShapeBuffers] = {}
         self._bound: tuple | None = None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = {spec.name: tuple(np.shape(feeds[spec.name])) for spec in self.record.inputs}
-        check_input_shapes(self.bundle, self.record.name, shapes, self.profile)
+        check_input_shapes(self.record.name, shapes, self.profile, self.rebuild_hint)
         buffers = self._bind(shapes)
         cuda, stream = self.group.cuda, self.group.stream
         staged = [np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]) for name in shapes]
@@ -331,8 +351,7 @@ class TensorRTRunner:
         for name, shape in shapes.items():
             if not self.context.set_input_shape(name, shape):
                 raise UserError(f"TensorRT refused shape {list(shape)} for input {name!r} of {self.record.name}.",
-                                fix="rebuild with a profile that covers it: "
-                                    + rebuild_command(self.bundle, self.record.name))
+                                fix=f"rebuild with a profile that covers it: {self.rebuild_hint}")
         if key not in self._buffers:
             self._buffers[key] = self._allocate(shapes)
         for name, pointer in self._buffers[key].device.items():
@@ -350,7 +369,7 @@ class TensorRTRunner:
         return ShapeBuffers(device, outputs)
 
 
-def engine_tensor_dtypes(engine: trt.ICudaEngine, record: ComponentRecord, bundle: Path, trt) -> dict:
+def engine_tensor_dtypes(engine: trt.ICudaEngine, record: ComponentRecord, rebuild_hint: str, trt) -> dict:
     """numpy dtype of every manifest tensor as the engine holds it; refuses an engine whose I/O differ."""
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
@@ -360,7 +379,7 @@ def engine_tensor_dtypes(engine: trt.ICudaEngine, record: ComponentRecord, bundl
         raise UserError(f"the TensorRT engine of {record.name} has other inputs/outputs than the manifest.",
                         expected=f"inputs {sorted(expected_inputs)}, outputs {sorted(expected_outputs)}",
                         got=f"inputs {sorted(inputs)}, outputs {sorted(set(names) - inputs)}",
-                        fix=f"rebuild it: {rebuild_command(bundle, record.name)}")
+                        fix=f"rebuild it: {rebuild_hint}")
     return {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in expected_inputs | expected_outputs}
 
 

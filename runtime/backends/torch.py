@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrun.bundle import ComponentRecord, Manifest
+from sdrun.backends import BackendOptions
+from sdrun.bundle import Bundle, ComponentRecord
 from sdrun.errors import MissingDependencyError, UserError
 
 
 class TorchRunner:
-    def __init__(self, module, record: ComponentRecord):
-        self.module, self.record = module, record
+    def __init__(self, module, record: ComponentRecord, rebuild_hint: str = ""):
+        self.module, self.record, self.rebuild_hint = module, record, rebuild_hint
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -27,18 +28,17 @@ class TorchRunner:
         return {self.record.outputs[0].name: output.numpy()}
 
 
-def torch_runners(bundle: Path, manifest: Manifest, components: list[str]) -> dict[str, TorchRunner]:
+def torch_runners(bundle: Bundle, components: list[str], options: BackendOptions) -> dict[str, TorchRunner]:
     try:
         import torch  # noqa: F401
 
-        from sdcompile.fingerprint import models_sha256
         from sdcompile.components import component_spec
-        from sdcompile.recipes import recipe_from_dict
+        from sdcompile.fingerprint import models_sha256
         from sdcompile.weights import RandomWeights, load_models
     except ImportError:
         raise MissingDependencyError("torch and sdcompile", "for the torch backend",
                                      "pip install sdcompile (with torch)") from None
-    recipe = recipe_from_dict(manifest.recipe)
+    manifest, recipe = bundle.manifest, bundle.recipe
     source = manifest.source
     models = load_models(recipe, RandomWeights(source["seed"]) if source["kind"] == "random"
                          else Path(source["path"]))
@@ -46,5 +46,5 @@ def torch_runners(bundle: Path, manifest: Manifest, components: list[str]) -> di
         raise UserError("the torch backend rebuilt other weights than the bundle was exported from.",
                         expected=f"weights sha256 {manifest.weights_sha256[:16]}…",
                         fix="check that the checkpoint recorded in manifest.json is unchanged, or re-export")
-    return {name: TorchRunner(component_spec(name, recipe).wrap(models, recipe).eval(), manifest.components[name])
-            for name in components}
+    return {name: TorchRunner(component_spec(name, recipe).wrap(models, recipe).eval(), bundle.component(name),
+                              bundle.rebuild_hint(name)) for name in components}

@@ -24,7 +24,7 @@ def _inspect_bundle(bundle: Path) -> dict:
                             "engines": list(record.engines), **summary,
                             "io": {"inputs": [t.to_dict() for t in record.inputs],
                                    "outputs": [t.to_dict() for t in record.outputs]}}
-    return {"kind": "bundle", "path": str(bundle), "recipe": manifest.recipe["name"], "source": manifest.source,
+    return {"kind": "bundle", "path": str(bundle), "recipe": manifest.recipe.name, "source": manifest.source,
             "weights_sha256": manifest.weights_sha256, "tools": manifest.tools, "components": components}
 
 

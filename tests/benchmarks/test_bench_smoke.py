@@ -6,10 +6,10 @@ import json
 import pytest
 from PIL import Image
 
-from benchmarks.accuracy import Gate, Relation
 from benchmarks.config import BenchConfig, Scope
 from benchmarks.harness import run_benchmark
 from benchmarks.report import machine_slug, write_results
+from sdrun.gates import Gate, Statistic
 
 pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
@@ -56,10 +56,10 @@ def test_unet_step_scope_compares_eager_diffusers_and_onnxruntime(bundles, tmp_p
 
 
 def test_failing_gate_names_the_tolerance_it_needed():
-    gate = Gate("onnxruntime fp16 image", "psnr_db", Relation.AT_LEAST, 30.0, 27.25)
+    gate = Gate(Statistic.PSNR_DB, 30.0, "fp16").judge("onnxruntime fp16 image", {"psnr_db": 27.25})
     assert not gate.passed
     assert "would have needed >= 27.25" in gate.describe()
-    assert Gate("x", "max_abs", Relation.AT_MOST, 2 / 255, 1 / 255).passed
+    assert Gate(Statistic.MAX_ABS, 2 / 255, "fp32").judge("x", {"max_abs": 1 / 255}).passed
 
 
 def test_machine_slug_is_short_and_plain():

@@ -47,12 +47,10 @@ class Run:
 
 
 def generate(bundle, backend: str, step_fusion: bool = False) -> Run:
-    from sdrun.pipeline import Pipeline
+    from sdrun.session import load_pipeline
 
-    pipeline = Pipeline(bundle, backend, step_fusion=step_fusion)
-    result = pipeline.generate(request())
-    decoded = pipeline.runners["vae_decoder"].run({"latent": result.latents})["images"].copy()
-    return Run(result.images, result.latents, decoded)
+    result = load_pipeline(bundle, backend, step_fusion=step_fusion).pipeline.generate(request())
+    return Run(result.images, result.latents, result.decoded)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from PIL import Image
 from sdrun.backends.base import DenoisePlan
 from sdrun.cli import cli
 from sdrun.errors import UserError
-from sdrun.pipeline import GenerationRequest, Pipeline, denoise
+from sdrun.pipeline import GenerationRequest, denoise
+from sdrun.session import load_pipeline
 
 
 def _run(*args):
@@ -80,7 +81,7 @@ def test_txt2img_on_onnxruntime_never_imports_torch(tiny_bundle, tmp_path):
 
 def test_img2img_runs_int_strength_times_steps(tiny_bundle, tmp_path):
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "in.png")
-    pipeline = Pipeline(tiny_bundle, "onnxruntime", img2img=True)
+    pipeline = load_pipeline(tiny_bundle, "onnxruntime", img2img=True).pipeline
     image = np.zeros((1, 3, 64, 64), np.float32)
     for steps, strength in ((10, 0.75), (10, 0.5), (7, 1.0)):
         result = pipeline.generate(GenerationRequest("x", steps=steps, image=image, strength=strength))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from sdrun.errors import UserError
-from sdrun.schedulers import (DDPMSchedule, Parameterization, alphas_cumprod,
+from sdrun.recipe import DDPMSchedule, Parameterization
+from sdrun.schedulers import (alphas_cumprod,
                               classifier_free_guidance, ddim_step, ddim_step_coefficients,
                               ddim_table, ddim_timesteps, img2img_start, img2img_table,
                               predict_eps_and_x0, q_sample_ddim)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from sdcompile.recipes import load_recipe
 from sdrun.bundle import MANIFEST_NAME, ComponentRecord, Manifest, TensorSpec, read_manifest, write_json_atomic
 from sdrun.engine_files import (EngineRecord, StaleReason, check_input_shapes, engine_key, engine_path,
                                 engine_verdict, file_verdict, manifest_with_engine, rebuild_command, sm_tag,
@@ -36,7 +37,7 @@ def engine(version: str = VERSION, capability: str = "9.0", static: bool = False
 
 
 def manifest(component: ComponentRecord) -> Manifest:
-    return Manifest(recipe={"name": "tiny"}, source={"kind": "random", "seed": 0}, weights_sha256="d" * 64,
+    return Manifest(recipe=load_recipe("tiny"), source={"kind": "random", "seed": 0}, weights_sha256="d" * 64,
                     tokenizer={}, components={component.name: component}, tools={})
 
 
@@ -128,13 +129,13 @@ def test_refusal_names_the_rebuild_command():
 
 
 def test_input_shapes_inside_the_profile_pass():
-    check_input_shapes("b", "unet", {"sample": (2, 4, 8, 8), "timestep": (1,)}, PROFILE)
-    check_input_shapes("b", "unet", {"sample": (8, 4, 16, 16), "timestep": (1,)}, PROFILE)
+    check_input_shapes("unet", {"sample": (2, 4, 8, 8), "timestep": (1,)}, PROFILE, rebuild_command("b", "unet"))
+    check_input_shapes("unet", {"sample": (8, 4, 16, 16), "timestep": (1,)}, PROFILE, rebuild_command("b", "unet"))
 
 
 @pytest.mark.parametrize("shape", [(16, 4, 8, 8), (2, 4, 2, 8), (2, 4, 8)])
 def test_input_shapes_outside_the_profile_are_refused(shape):
     with pytest.raises(UserError, match="'sample' of unet") as caught:
-        check_input_shapes("b", "unet", {"sample": shape, "timestep": (1,)}, PROFILE)
+        check_input_shapes("unet", {"sample": shape, "timestep": (1,)}, PROFILE, rebuild_command("b", "unet"))
     assert "[1, 4, 4, 4] and [8, 4, 16, 16]" in caught.value.message()
     assert "sdcompile build-trt b --component unet" in caught.value.message()

@@ -11,14 +11,19 @@ import shutil
 import numpy as np
 import pytest
 
-from sdrun.bundle import MANIFEST_NAME, read_manifest, sha256_file
+from sdrun.backends import BackendOptions, make_runners
+from sdrun.bundle import MANIFEST_NAME, open_bundle, read_manifest, sha256_file
 from sdrun.errors import UserError
+from sdrun.gates import tensorrt_gate
 
 pytestmark = pytest.mark.gpu
 
-# Relative L2 error per output against ONNX Runtime CPU on the same graph; TensorRT runs fp32
-# matrix math as TF32 by default and fp16 kernels accumulate in another order.
-MAX_RELATIVE_L2 = {"fp32": 1e-2, "fp16": 3e-2}
+CPU = BackendOptions(providers=("CPUExecutionProvider",))
+
+
+def runners(backend: str, bundle, components: list[str], options: BackendOptions = BackendOptions()) -> dict:
+    """Runners made the one way every caller makes them: open the bundle, ask the registry."""
+    return make_runners(backend, open_bundle(bundle, lambda manifest: components), components, options)
 
 
 def require_tensorrt() -> None:
@@ -92,29 +97,26 @@ def test_every_engine_is_recorded_with_its_origin(bundle):
 
 
 def test_tensorrt_matches_onnxruntime_per_component(bundle):
-    from sdrun.backends.onnxruntime import OnnxRuntimeRunner
-    from sdrun.backends.tensorrt import tensorrt_runners
     from sdrun.metrics import relative_l2
 
     manifest = read_manifest(bundle)
-    runners = tensorrt_runners(bundle, manifest, list(manifest.components))
-    vocab = manifest.recipe["text_encoder"]["vocab_size"]
+    names = list(manifest.components)
+    engines, references = runners("tensorrt", bundle, names), runners("onnxruntime", bundle, names, CPU)
+    vocab = manifest.recipe.text_encoder.vocab_size
     for name, record in manifest.components.items():
-        feeds = feeds_at(record, "opt", runners[name].profile, vocab)
-        reference = OnnxRuntimeRunner(bundle / record.graph, record, providers=["CPUExecutionProvider"]).run(feeds)
-        result = runners[name].run(feeds)
+        feeds = feeds_at(record, "opt", engines[name].profile, vocab)
+        reference = references[name].run(feeds)
+        result = engines[name].run(feeds)
         for output, expected in reference.items():
             assert result[output].shape == expected.shape and result[output].dtype == expected.dtype
             error = relative_l2(expected, result[output])
-            limit = MAX_RELATIVE_L2[record.precision]
+            limit = tensorrt_gate(record.precision).threshold
             assert error <= limit, f"{name}.{output}: relative L2 {error:.3g} > {limit} (needs {error:.2g})"
 
 
 def test_dynamic_engine_takes_min_and_max_and_refuses_beyond(bundle):
-    from sdrun.backends.tensorrt import tensorrt_runners
-
     manifest = read_manifest(bundle)
-    runner = tensorrt_runners(bundle, manifest, ["vae_decoder"])["vae_decoder"]
+    runner = runners("tensorrt", bundle, ["vae_decoder"])["vae_decoder"]
     record = manifest.components["vae_decoder"]
     for level in ("min", "max", "opt", "min"):  # back to a shape seen before: its buffers are reused
         feeds = feeds_at(record, level, runner.profile, 0)
@@ -126,7 +128,6 @@ def test_dynamic_engine_takes_min_and_max_and_refuses_beyond(bundle):
 
 
 def test_engine_from_another_tensorrt_is_refused(bundle, tmp_path):
-    from sdrun.backends.tensorrt import tensorrt_runners
     from sdrun.engine_files import engine_key
 
     copy = copy_of(bundle, tmp_path)
@@ -134,12 +135,11 @@ def test_engine_from_another_tensorrt_is_refused(bundle, tmp_path):
     data["components"]["unet"]["engines"][engine_key(*identity())]["tensorrt_version"] = "10.0.0.1"
     (copy / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(UserError, match="another TensorRT version") as caught:
-        tensorrt_runners(copy, read_manifest(copy), ["unet"])
+        runners("tensorrt", copy, ["unet"])
     assert "sdcompile build-trt" in caught.value.message() and "--component unet" in caught.value.message()
 
 
 def test_changed_engine_file_is_refused(bundle, tmp_path):
-    from sdrun.backends.tensorrt import tensorrt_runners
     from sdrun.engine_files import engine_path
 
     copy = copy_of(bundle, tmp_path)
@@ -148,16 +148,15 @@ def test_changed_engine_file_is_refused(bundle, tmp_path):
     data[len(data) // 2] ^= 0xFF
     plan.write_bytes(bytes(data))
     with pytest.raises(UserError, match="does not match the manifest"):
-        tensorrt_runners(copy, read_manifest(copy), ["vae_decoder"])
+        runners("tensorrt", copy, ["vae_decoder"])
 
 
 def test_static_engine_serves_only_its_shape(bundle, tmp_path):
     from sdcompile.trt_profiles import ShapeMode, ShapeRequest
-    from sdrun.backends.tensorrt import tensorrt_runners
 
     copy = copy_of(bundle, tmp_path)
-    manifest = build(copy, ("vae_decoder",), shapes=ShapeRequest(ShapeMode.STATIC, {"opt": {"batch": 2}}))
-    runner = tensorrt_runners(copy, manifest, ["vae_decoder"])["vae_decoder"]
+    build(copy, ("vae_decoder",), shapes=ShapeRequest(ShapeMode.STATIC, {"opt": {"batch": 2}}))
+    runner = runners("tensorrt", copy, ["vae_decoder"])["vae_decoder"]
     assert runner.profile["latent"]["min"] == runner.profile["latent"]["max"] == [2, 4, 8, 8]
     assert runner.run({"latent": np.zeros((2, 4, 8, 8), np.float32)})["images"].shape == (2, 3, 64, 64)
     with pytest.raises(UserError, match="was not built for"):

@@ -69,15 +69,15 @@ def test_unreadable_override_is_a_usage_error_before_tensorrt_is_needed(tmp_path
     assert "cannot read --opt" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_runtime_backend_refuses_with_exit_code_2(tmp_path):
-    code = f"""
-    from pathlib import Path
+def test_runtime_backend_refuses_with_exit_code_2():
+    code = """
+    from sdrun.backends import BackendOptions
     from sdrun.backends.tensorrt import tensorrt_runners
     from sdrun.errors import MissingDependencyError
     try:
-        tensorrt_runners(Path({str(tmp_path)!r}), None, ["unet"])
+        tensorrt_runners(None, ["unet"], BackendOptions())
     except MissingDependencyError as err:
-        print(json.dumps({{"code": err.exit_code, "message": err.message()}}))
+        print(json.dumps({"code": err.exit_code, "message": err.message()}))
     """
     result = run_without({"tensorrt"}, "import json\n" + textwrap.dedent(code))
     assert result.returncode == 0, result.stderr
@@ -90,7 +90,7 @@ def test_auto_backend_gets_a_fallback_reason():
     from sdrun.backends.tensorrt import tensorrt_available, tensorrt_fallback_reason
     available, reason = tensorrt_available()
     print(json.dumps({"available": available, "reason": reason,
-                      "fallback": tensorrt_fallback_reason(None, None, ["unet"])}))
+                      "fallback": tensorrt_fallback_reason(None, ["unet"])}))
     """
     result = run_without({"tensorrt"}, "import json\n" + textwrap.dedent(code))
     report = json.loads(result.stdout)

@@ -18,9 +18,6 @@ UNET_INPUTS = (TensorSpec("sample", "float32", ("cfg_batch", 4, "latent_height",
 DECODER_INPUTS = (TensorSpec("latent", "float32", ("batch", 4, "latent_height", "latent_width")),)
 ENCODER_INPUTS = (TensorSpec("images", "float32", ("batch", 3, "image_height", "image_width")),)
 TEXT_INPUTS = (TensorSpec("input_ids", "int32", ("cfg_batch", 77)),)
-STEP_INPUTS = (TensorSpec("sample", "float32", ("batch", 4, "latent_height", "latent_width")),
-               TensorSpec("encoder_hidden_states", "float32", ("cfg_batch", 77, 32)),
-               TensorSpec("step_coefficients", "float32", (3,)))
 
 
 def overrides(**levels: str) -> ShapeRequest:
@@ -40,7 +37,9 @@ def test_text_encoder_takes_both_prompt_halves(tiny_recipe):
 
 
 def test_step_fused_unet_always_takes_twice_its_batch_of_embeddings(tiny_recipe):
-    profile = profile_from_request(tiny_recipe, STEP_INPUTS, ShapeRequest())
+    from sdcompile.components import component_spec
+
+    profile = profile_from_request(tiny_recipe, component_spec("unet_step", tiny_recipe).inputs, ShapeRequest())
     assert profile["sample"] == {"min": [1, 4, 4, 4], "opt": [1, 4, 8, 8], "max": [4, 4, 16, 16]}
     assert profile["encoder_hidden_states"] == {"min": [2, 77, 32], "opt": [2, 77, 32], "max": [8, 77, 32]}
 
@@ -64,8 +63,6 @@ def test_default_profile_is_what_export_records(tiny_recipe):
 
     for name, make_spec in COMPONENTS.items():
         spec = make_spec(tiny_recipe)
-        if {"batch", "cfg_batch"} <= {d for t in spec.inputs for d in t.dims if isinstance(d, str)}:
-            continue  # the step-fused UNet: see test_step_fused_unet_always_takes_twice_its_batch_of_embeddings
         assert profile_from_request(tiny_recipe, spec.inputs, ShapeRequest()) == input_profile(spec, tiny_recipe), name
 
 

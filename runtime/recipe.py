@@ -1,0 +1,253 @@
+"""The recipe: architecture, schedule, parameterization and shape ranges of one Stable Diffusion model.
+
+Frozen dataclasses shared by both packages: `sdcompile` loads them from `recipes/*.toml`, a bundle's
+manifest stores them as plain data, and the runtime reads them back typed. Every key is checked:
+an unknown key or a wrong type is an error that names the source, the key and the expected type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from pathlib import Path
+
+from sdrun.errors import UserError
+
+
+class Family(enum.Enum):
+    """Model family; decides checkpoint key layout of the text encoder."""
+
+    SD1 = "sd1"
+    SD2 = "sd2"
+
+
+class Parameterization(enum.Enum):
+    """What the UNet predicts."""
+
+    EPS = "eps"  # the noise ε (SD 1.x, SD 2.x base)
+    V = "v"  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022; SD 2.x 768-v)
+
+
+class TextEncoderKind(enum.Enum):
+    """CLIP ViT-L/14 in Hugging Face layout (SD1) or OpenCLIP ViT-H/14 in open_clip layout (SD2)."""
+
+    CLIP = "clip"
+    OPENCLIP = "openclip"
+
+
+class TextActivation(enum.Enum):
+    QUICK_GELU = "quick_gelu"  # x·sigmoid(1.702x), OpenAI CLIP
+    GELU = "gelu"  # exact erf GELU, OpenCLIP ViT-H
+
+
+class TextOutputLayer(enum.Enum):
+    LAST = "last"  # all layers, then the final LayerNorm (SD1)
+    PENULTIMATE = "penultimate"  # all but the last layer, then the final LayerNorm (SD2)
+
+
+class TokenizerPadding(enum.Enum):
+    END_TOKEN = "end_token"  # pad with <end_of_text> = 49407 (SD1, HF CLIPTokenizer)
+    ZERO = "zero"  # pad with id 0 = "!" (SD2, open_clip.tokenize)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPMSchedule:
+    """DDPM training schedule: β = linspace(sqrt(linear_start), sqrt(linear_end), timesteps)²."""
+
+    linear_start: float
+    linear_end: float
+    timesteps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """ldm `openaimodel.UNetModel` arguments (num_heads or num_head_channels, the other −1)."""
+
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    attention_resolutions: tuple[int, ...]
+    num_res_blocks: int
+    channel_mult: tuple[int, ...]
+    context_dim: int
+    num_heads: int = -1
+    num_head_channels: int = -1
+    transformer_depth: int = 1
+    use_linear_in_transformer: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderConfig:
+    """ldm `AutoencoderKL` ddconfig; the latent has `embed_dim` channels at 1/2^(len(ch_mult)−1) size."""
+
+    embed_dim: int
+    z_channels: int
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    in_channels: int = 3
+    out_ch: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    kind: TextEncoderKind
+    width: int
+    heads: int
+    layers: int
+    activation: TextActivation
+    output_layer: TextOutputLayer
+    padding: TokenizerPadding
+    vocab_size: int = 49408
+    context_length: int = 77
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeRange:
+    """min ≤ opt ≤ max; `opt` is what engines are tuned for."""
+
+    min: int
+    opt: int
+    max: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeRanges:
+    """Ranges for dynamic axes and engine profiles; sizes in pixels, batch in prompts (before CFG)."""
+
+    batch: ShapeRange
+    height: ShapeRange
+    width: ShapeRange
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    family: Family
+    parameterization: Parameterization
+    latent_scale_factor: float
+    default_height: int
+    default_width: int
+    default_steps: int
+    default_guidance: float
+    schedule: DDPMSchedule
+    unet: UNetConfig
+    vae: AutoencoderConfig
+    text_encoder: TextEncoderConfig
+    shapes: ShapeRanges
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (8 for every SD model)."""
+        return 2 ** (len(self.vae.ch_mult) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this so that every UNet down/up level lines up."""
+        return self.vae_scale * 2 ** (len(self.unet.channel_mult) - 1)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+
+def recipe_from_dict(data: dict, source: str = "<manifest>") -> Recipe:
+    """A validated recipe from plain data: a recipe file's tables or `Recipe.to_dict()` (as in a manifest).
+
+    `source` names where the data came from in error messages.
+    """
+    recipe = _build(Recipe, data, Path(source), "")
+    _check_recipe(recipe, Path(source))
+    return recipe
+
+
+def _check_recipe(recipe: Recipe, path: Path) -> None:
+    for axis in ("batch", "height", "width"):
+        rng = getattr(recipe.shapes, axis)
+        if not 1 <= rng.min <= rng.opt <= rng.max:
+            raise UserError(f"{path}: shapes.{axis} must satisfy 1 <= min <= opt <= max.",
+                            got=f"min={rng.min} opt={rng.opt} max={rng.max}", fix="reorder the values")
+        if axis != "batch" and any(v % recipe.size_multiple for v in (rng.min, rng.opt, rng.max)):
+            raise UserError(f"{path}: shapes.{axis} values must be multiples of {recipe.size_multiple}.",
+                            got=f"min={rng.min} opt={rng.opt} max={rng.max}", fix="round them")
+    unet = recipe.unet
+    if (unet.num_heads == -1) == (unet.num_head_channels == -1):
+        raise UserError(f"{path}: unet needs exactly one of num_heads and num_head_channels.",
+                        got=f"num_heads={unet.num_heads} num_head_channels={unet.num_head_channels}",
+                        fix="set one of them and leave the other out")
+    if unet.context_dim != recipe.text_encoder.width:
+        raise UserError(f"{path}: unet.context_dim must equal text_encoder.width.",
+                        got=f"{unet.context_dim} vs {recipe.text_encoder.width}", fix="make them equal")
+
+
+def _build(cls, data, path: Path, where: str):
+    """Build dataclass `cls` from TOML data, checking keys and types."""
+    if not isinstance(data, dict):
+        raise _type_error(path, where, "a table", data)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"{path}: unknown key {_join(where, unknown[0])!r}.",
+                        expected=f"one of {', '.join(sorted(fields))}", got=unknown[0],
+                        fix="remove or rename the key")
+    values = {}
+    for name, field in fields.items():
+        if name not in data:
+            if field.default is dataclasses.MISSING:
+                raise UserError(f"{path}: missing key {_join(where, name)!r}.",
+                                expected=_describe(hints[name]), fix="add the key")
+            continue
+        values[name] = _convert(hints[name], data[name], path, _join(where, name))
+    return cls(**values)
+
+
+def _convert(hint, value, path: Path, where: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, where)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        allowed = [m.value for m in hint]
+        if value not in allowed:
+            raise _type_error(path, where, " | ".join(map(repr, allowed)), value)
+        return hint(value)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if not isinstance(value, list):
+            raise _type_error(path, where, _describe(hint), value)
+        return tuple(_convert(item, v, path, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise _type_error(path, where, _describe(hint), value)
+    return value
+
+
+def _type_error(path: Path, where: str, expected: str, value) -> UserError:
+    return UserError(f"{path}: key {where!r} has the wrong type.", expected=expected,
+                     got=f"{value!r} ({type(value).__name__})", fix="correct the value")
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return " | ".join(repr(m.value) for m in hint)
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _to_plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
