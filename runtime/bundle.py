@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sdrun.atomic import write_atomic
 from sdrun.errors import UserError
 from sdrun.recipe import Recipe, recipe_from_dict
 from sdrun.tokenizer import ClipTokenizer
@@ -149,16 +148,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temp file beside `path`, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON (indented, one trailing newline) through a temp file renamed over `path`."""
+    write_atomic(path, lambda temp: temp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def read_manifest(bundle: Path) -> Manifest:

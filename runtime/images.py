@@ -1,12 +1,11 @@
 """Image files at the edges: reading img2img inputs, writing PNGs with generation parameters."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from sdrun.atomic import write_atomic
 from sdrun.errors import UserError
 
 
@@ -35,15 +34,7 @@ def write_png(path: Path, image: np.ndarray, parameters: str) -> None:
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda temp: Image.fromarray(image).save(temp, format="PNG", pnginfo=info))
 
 
 def read_image(path: Path, width: int | None, height: int | None, multiple: int) -> np.ndarray:
