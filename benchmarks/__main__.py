@@ -24,14 +24,16 @@ from sdrun.errors import run_cli
 def main(recipe, steps, repeats, warmup, out, seed, threads, unet_step_only) -> None:
     """Export the recipe with random weights, run every available backend on the same prompts and noise,
     and report accuracy (per component and end to end) and latency. Exits 1 when an accuracy gate fails."""
+    from benchmarks import provenance
     from benchmarks.config import BenchConfig, Scope
     from benchmarks.harness import run_benchmark
     from benchmarks.report import write_results
 
     config = BenchConfig(recipe=recipe, scope=Scope.UNET_STEP if unet_step_only else Scope.PIPELINE, steps=steps,
                          repeats=repeats, warmup=warmup, seed=seed, threads=threads)
+    started = provenance.started()
     result = run_benchmark(config, log=click.echo)
-    paths = write_results(result, out, log=click.echo)
+    paths = write_results(result, out, started, log=click.echo)
     click.echo("\n" + paths["markdown"].read_text())
     sys.exit(1 if result.failed_gates else 0)
 

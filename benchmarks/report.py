@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import platform
-import re
-import sys
 from pathlib import Path
 
+from benchmarks import provenance
 from benchmarks.config import Scope
 from benchmarks.outcome import BenchResult
 
@@ -37,43 +34,6 @@ class Target:
         return {**dataclasses.asdict(self), "met": self.met}
 
 
-# --- machine ---------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo, else what `platform` knows)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def machine_slug(cpu: str, cores: int) -> str:
-    """e.g. "linux-x86_64-amd-epyc-7b13-2c": lower case, words of the CPU name, no vendor marks."""
-    words = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\d+-core", " ", cpu.lower())
-    name = "-".join(re.findall(r"[a-z0-9]+", words)[:5])
-    return f"{platform.system().lower()}-{platform.machine().lower()}-{name}-{cores}c"
-
-
-def machine_info() -> dict:
-    import numpy
-
-    cpu, cores = cpu_model(), usable_cores()
-    versions = {"python": platform.python_version(), "numpy": numpy.__version__}
-    for module in ("onnxruntime", "torch", "diffusers", "transformers", "tensorrt"):
-        if module in sys.modules:
-            versions[module] = getattr(sys.modules[module], "__version__", "?")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"slug": machine_slug(cpu, cores), "cpu": cpu, "cores": cores, "platform": platform.platform(),
-            "load_average_1_5_15": [round(x, 2) for x in load] if load else None, "versions": versions}
-
-
 # --- targets ---------------------------------------------------------------------------------------------
 
 
@@ -96,10 +56,10 @@ def targets(result: BenchResult) -> list[Target]:
 # --- JSON ------------------------------------------------------------------------------------------------
 
 
-def result_dict(result: BenchResult, machine: dict) -> dict:
+def result_dict(result: BenchResult, stamp: dict) -> dict:
     config = result.config
     return {
-        "machine": machine, "recipe": config.recipe, "scope": config.scope.value, "steps": result.steps,
+        "provenance": stamp, "recipe": config.recipe, "scope": config.scope.value, "steps": result.steps,
         "guidance": result.guidance, "height": result.height, "width": result.width, "repeats": config.repeats,
         "warmup": config.warmup, "seed": config.seed, "threads": config.threads, "prompts": list(config.prompts),
         "negative_prompt": config.negative_prompt,
@@ -118,21 +78,20 @@ def result_dict(result: BenchResult, machine: dict) -> dict:
 # --- markdown --------------------------------------------------------------------------------------------
 
 
-def markdown(result: BenchResult, machine: dict) -> str:
+def markdown(result: BenchResult, stamp: dict) -> str:
     config = result.config
-    load = machine["load_average_1_5_15"]
+    machine = stamp["machine"]
     workload = (f"{result.steps} DDIM steps, guidance {result.guidance:g}, {result.width}×{result.height}"
                 if config.scope is Scope.PIPELINE else
                 f"one UNet call at the first timestep of a {result.steps}-step schedule, "
                 f"{result.width}×{result.height}")
     head = [f"# sdcompile benchmark: {config.recipe}, {config.scope.value}",
             "",
-            f"Machine `{machine['slug']}`: {machine['cpu']}, {machine['cores']} cores"
-            + (f", load average {load[0]} at the end" if load else "") + ", "
+            f"Machine `{machine['slug']}`: {machine['cpu']}, {machine['cores']} cores, "
             + (f"{config.threads} intra-op thread(s) per runtime." if config.threads else "default thread pools."),
             f"{workload}, random weights seed {config.seed}; median and p90 of {config.repeats} runs after "
             f"{config.warmup} warm-up. Reference: eager PyTorch fp32 (plain UNet)."]
-    sections = [exports_table(result)]
+    sections = ["## Provenance\n\n" + "\n".join(provenance.summary_lines(stamp)), exports_table(result)]
     if config.scope is Scope.PIPELINE:
         sections += [variants_table(result), components_table(result), peer_table(result)]
     else:
@@ -231,24 +190,27 @@ def _verdict(gate) -> str:
 # --- files -----------------------------------------------------------------------------------------------
 
 
-def write_results(result: BenchResult, out: Path, log=print) -> dict[str, Path]:
-    """JSON, markdown and PNGs under `out`, named `<machine>-<recipe>[-unet-step]`; returns the paths."""
+def write_results(result: BenchResult, out: Path, started: provenance.Started, log=print) -> dict[str, Path]:
+    """JSON, markdown and PNGs under `out`, named `<machine>-<recipe>[-unet-step]`, each stamped with the
+    provenance of the run that began at `started`; returns the paths."""
     from benchmarks import charts
     from sdrun.bundle import write_json_atomic
 
-    machine = machine_info()
+    stamp = provenance.finished(started, result.config.threads)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{machine['slug']}-{result.config.recipe}"
+    stem = f"{stamp['machine']['slug']}-{result.config.recipe}"
     if result.config.scope is Scope.UNET_STEP:
         stem += "-unet-step"
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "chart": out / f"{stem}-latency.png"}
-    write_json_atomic(paths["json"], finite_json(result_dict(result, machine)))
-    paths["markdown"].write_text(markdown(result, machine))
+    write_json_atomic(paths["json"], finite_json(result_dict(result, stamp)))
+    paths["markdown"].write_text(markdown(result, stamp))
     charts.latency_chart(result, paths["chart"])
     if result.config.scope is Scope.PIPELINE:
         paths["images"] = out / f"{stem}-images.png"
         charts.image_grid(result, paths["images"])
     for kind, path in paths.items():
+        if path.suffix == ".png":
+            provenance.stamp_png(path, stamp)
         log(f"wrote {kind}: {path}")
     return paths
 

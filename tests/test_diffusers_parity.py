@@ -10,15 +10,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
+import transformers
 
 from sdcompile import diffusers_layout
 from sdcompile.recipes import Recipe, TextEncoderKind, TextOutputLayer, load_recipe
 from sdcompile.weights import Component, build_models, load_models, randomize_parameters_
-
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 MAX_RELATIVE_L2 = 1e-5  # ‖ours − theirs‖₂ / ‖theirs‖₂, fp32
 GROUP_NORM_GROUPS = 32

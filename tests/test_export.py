@@ -186,7 +186,7 @@ def test_optimize_refuses_non_onnx_and_truncated_files(tiny_bundle, tmp_path, co
 
 def test_optimize_fuses_a_diffusers_unet_exported_by_torchscript(tmp_path):
     """A graph we did not export: diffusers' UNet through the TorchScript exporter (opset 17)."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),

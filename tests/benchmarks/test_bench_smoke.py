@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import json
 
+import diffusers  # noqa: F401 - the peer; a broken install fails here instead of skipping
+import matplotlib  # noqa: F401 - the charts
 import pytest
 from PIL import Image
 
+from benchmarks import provenance
 from benchmarks.config import BenchConfig, Scope
 from benchmarks.harness import run_benchmark
-from benchmarks.report import machine_slug, write_results
+from benchmarks.provenance import machine_slug
+from benchmarks.report import write_results
 from sdrun.gates import Gate, Statistic
-
-pytest.importorskip("diffusers")
-pytest.importorskip("matplotlib")
 
 
 @pytest.fixture
@@ -22,11 +23,14 @@ def bundles(tiny_bundle, tiny_bundle_fp16):
 
 def test_pipeline_scope_writes_json_table_chart_and_grid(bundles, tmp_path):
     config = BenchConfig(steps=2, repeats=1, warmup=0, prompts=("a lighthouse on a cliff at dawn",), bundles=bundles)
+    started = provenance.started()
     result = run_benchmark(config, log=lambda line: None)
-    paths = write_results(result, tmp_path, log=lambda line: None)
+    paths = write_results(result, tmp_path, started, log=lambda line: None)
 
     assert not result.failed_gates, [g.describe() for g in result.failed_gates]
     data = json.loads(paths["json"].read_text())
+    assert data["provenance"]["date_utc"] == started.date_utc
+    assert data["provenance"]["threads"]["torch_intra_op"] >= 1
     labels = [v["label"] for v in data["variants"]]
     assert labels[:2] == ["torch fp32 plain", "torch fp32 step-fused"]
     assert {"onnxruntime fp32 step-fused", "onnxruntime fp16 plain"} <= set(labels)
@@ -37,15 +41,17 @@ def test_pipeline_scope_writes_json_table_chart_and_grid(bundles, tmp_path):
     assert data["passed"] and data["exports"] == []
     text = paths["markdown"].read_text()
     assert "## End to end" in text and "## Per component" in text and "diffusers" in text
+    assert "## Provenance" in text and data["provenance"]["commit"] in text
     for kind in ("chart", "images"):
         with Image.open(paths[kind]) as image:
             assert image.format == "PNG" and image.width > 200
+            assert json.loads(image.text[provenance.PNG_KEYWORD]) == data["provenance"]
 
 
 def test_unet_step_scope_compares_eager_diffusers_and_onnxruntime(bundles, tmp_path):
     config = BenchConfig(scope=Scope.UNET_STEP, repeats=1, warmup=0, bundles=bundles)
     result = run_benchmark(config, log=lambda line: None)
-    paths = write_results(result, tmp_path, log=lambda line: None)
+    paths = write_results(result, tmp_path, provenance.started(), log=lambda line: None)
 
     assert [r.label for r in result.unet_step] == ["torch fp32 (eager)", "diffusers (eager fp32)",
                                                    "onnxruntime fp32", "onnxruntime fp16"]

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import diffusers  # noqa: F401 - the peer; a broken install fails here instead of skipping
 import numpy as np
 import pytest
+import transformers  # noqa: F401 - its text encoder
 
 from sdcompile.recipes import load_recipe
 from sdrun.metrics import compare, psnr, ssim
-
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
 
 PROMPT = "a lighthouse on a cliff at dawn"
 NEGATIVE_PROMPT = "blurry"

@@ -105,7 +105,7 @@ def test_sdpa_and_explicit_attention_agree(config):
 
 def hf_clip_text_model(config: TextEncoderConfig, ours: CLIPTextEncoder):
     """transformers' CLIPTextModel of the same size, holding our weights."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf_config = transformers.CLIPTextConfig(
         vocab_size=config.vocab_size, hidden_size=config.width, intermediate_size=4 * config.width,
         num_hidden_layers=config.layers, num_attention_heads=config.heads,
@@ -143,7 +143,7 @@ def test_clip_matches_transformers_clip_text_model(output_layer):
 
 def open_clip_text_tower(config: TextEncoderConfig, ours: OpenCLIPTextEncoder):
     """open_clip's TextTransformer of the same size (exact GELU), holding our weights."""
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip
     text_cfg = open_clip.model.CLIPTextCfg(context_length=config.context_length, vocab_size=config.vocab_size,
                                            width=config.width, heads=config.heads, layers=config.layers)
     tower = open_clip.model._build_text_tower(embed_dim=config.width, text_cfg=text_cfg, quick_gelu=False).eval()

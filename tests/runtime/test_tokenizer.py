@@ -8,13 +8,13 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 
 from sdrun.errors import MissingDependencyError, UserError
 from sdrun.tokenizer import (CONTEXT_LENGTH, VOCAB_FILENAME, VOCAB_SIZE, ClipTokenizer, TextRepair,
                              byte_alphabet, clean_text, pack_tokens, read_merges, split_words)
 
-open_clip = pytest.importorskip("open_clip")
 
 START, END = 49406, 49407
 SD1_PAD, SD2_PAD = END, 0
@@ -53,7 +53,7 @@ def vocab_path() -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(vocab_path) -> ClipTokenizer:
-    pytest.importorskip("ftfy")
+    import ftfy  # noqa: F401 - the default repair, as in CLIP's own tokenizer; never a silent fallback
     return ClipTokenizer.from_file(vocab_path)
 
 
@@ -90,7 +90,7 @@ def test_end_token_padding_matches_open_clip_with_padding_replaced(tokenizer):
 
 def test_end_token_padding_matches_transformers_clip_tokenizer(tokenizer, vocab_path):
     """transformers' tokenizer (SD1) has no ftfy/HTML step: compare on text those leave alone."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     merges = read_merges(vocab_path)
     alphabet = list(byte_alphabet().values())
     symbols = [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges),
@@ -138,7 +138,7 @@ def test_single_string_is_rejected(tokenizer):
 
 def test_split_words_matches_clip_pattern_on_every_code_point():
     """One string of every code point this Python's Unicode database assigns, cleaned."""
-    regex = pytest.importorskip("regex")
+    import regex
     pattern = regex.compile(r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|"
                             r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
     chars = (chr(c) for c in range(sys.maxunicode + 1))
