@@ -40,6 +40,8 @@ def generation_options(command):
         click.option("--init-noise", type=click.Path(path_type=Path), help=".npy (batch, 4, h/8, w/8) float32 noise"),
         click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True),
         click.option("--threads", type=int, help="ONNX Runtime intra-op threads [default: one per core]"),
+        click.option("--cuda-graph", is_flag=True,
+                     help="TensorRT: capture one denoising step as a CUDA graph and replay it (static engines)"),
         click.option("--quiet", is_flag=True, help="no progress bar or timing table"),
     ]
     for option in reversed(options):

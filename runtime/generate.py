@@ -36,6 +36,7 @@ class GenerateJob:
     image: Path | None = None
     strength: float | None = None
     threads: int | None = None  # ONNX Runtime intra-op threads; None: ONNX Runtime's default
+    cuda_graph: bool = False  # TensorRT: replay a captured denoising step
     quiet: bool = False
 
 
@@ -45,9 +46,11 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     img2img = job.image is not None
     bundle = open_for_run(job.bundle, img2img=img2img)
     request = complete_request(_request(job, bundle.recipe), bundle.recipe)
+    _check_cuda_graph(job.cuda_graph, job.backend)
     with stage(f"loading the {job.backend} backend"):
-        loaded = pipeline_on(bundle, job.backend, BackendOptions(threads=job.threads), echo)
+        loaded = pipeline_on(bundle, job.backend, BackendOptions(threads=job.threads, cuda_graph=job.cuda_graph), echo)
     backend = loaded.backend
+    _check_cuda_graph(job.cuda_graph, backend)
     with stage("generating"):
         result = loaded.pipeline.generate(request, on_step=progress)
     for dropped in set(result.dropped_tokens) - {0}:
@@ -114,6 +117,13 @@ def _load_noise(path: Path) -> np.ndarray:
     if not np.issubdtype(noise.dtype, np.floating):
         raise UserError(f"--init-noise {path} must hold floats.", got=str(noise.dtype), fix="save float32 noise")
     return noise.astype(np.float32)
+
+
+def _check_cuda_graph(cuda_graph: bool, backend: str) -> None:
+    if cuda_graph and backend not in ("auto", "tensorrt"):
+        raise UserError(f"--cuda-graph replays TensorRT engines, and this run uses {backend}.",
+                        fix="add --backend tensorrt (engines built with sdcompile build-trt --static), or drop "
+                            "--cuda-graph")
 
 
 def _check_output(out: Path) -> None:

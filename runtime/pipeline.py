@@ -61,6 +61,8 @@ class Pipeline:
         self.timer = StageTimer()
         self.runners = {name: _TimedRunner(r, name, self) for name, r in runners.items()}
         self.step_fused = "unet_step" in runners
+        # A backend that runs the whole step-fused loop on its device offers it (TensorRT).
+        self.resident_loop = getattr(runners.get("unet_step"), "resident_loop", None)
 
     def complete(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with every None filled from the recipe, validated (once) before any heavy work."""
@@ -90,11 +92,20 @@ class Pipeline:
             latents, table = self._img2img_start(request, table, rng)
         plan = self.plan(request, rng, table)
         start = time.perf_counter()
-        latents = denoise(self.runners, latents, context, plan, self.step_fused, on_step)
+        latents = self._denoise(latents, context, plan, on_step)
         self.timer.add("denoise", time.perf_counter() - start)
         decoded = self._decode(latents)
         self.timer.add("total", time.perf_counter() - started)
         return GenerationResult(to_uint8(decoded), latents, decoded, request, self.timer, dropped, self.step_fused)
+
+    def _denoise(self, latents: np.ndarray, context: np.ndarray, plan: DenoisePlan, on_step) -> np.ndarray:
+        if self.resident_loop is None:
+            return denoise(self.runners, latents, context, plan, self.step_fused, on_step)
+        start = time.perf_counter()
+        latents = self.resident_loop(latents, context, plan, on_step)
+        self.timer.add("graph:unet_step", time.perf_counter() - start, calls=plan.steps)
+        check_finite(latents, f"the {plan.steps}-step denoising loop")
+        return latents
 
     def _encode_prompts(self, request: GenerationRequest) -> tuple[np.ndarray, tuple[int, ...]]:
         prompts = [request.prompt] * request.batch

@@ -30,6 +30,7 @@ class BackendOptions:
 
     threads: int | None = None  # ONNX Runtime intra-op threads
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, in order of preference
+    cuda_graph: bool = False  # TensorRT: replay one captured denoising step (static-shape engines)
 
 
 Factory = Callable[[Bundle, Sequence[str], BackendOptions], dict[str, GraphRunner]]

@@ -57,6 +57,6 @@ class StageTimer:
     seconds: dict = dataclasses.field(default_factory=dict)
     counts: dict = dataclasses.field(default_factory=dict)
 
-    def add(self, stage: str, seconds: float) -> None:
+    def add(self, stage: str, seconds: float, calls: int = 1) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-        self.counts[stage] = self.counts.get(stage, 0) + 1
+        self.counts[stage] = self.counts.get(stage, 0) + calls

@@ -6,11 +6,11 @@ buffer, sized for the largest engine. That is safe because the runners execute o
 another on that one stream. Input and output device buffers are allocated once per input
 shape and reused.
 
-Cost of the runner protocol (numpy in, numpy out): every `run` copies its inputs to the device,
-executes, copies its outputs back and synchronizes. For the SD 1.5 UNet at 512x512 with
-classifier-free guidance that is 0.6 MiB in (sample 2x4x64x64, text embeddings 2x77x768, fp32)
-and 0.1 MiB out per step, tens of microseconds over PCIe against milliseconds of UNet time,
-plus one host synchronization per call. Results stay valid until the same runner runs again.
+Cost of the runner protocol (numpy in, numpy out, `tensorrt_runner`): every `run` copies its
+inputs to the device, executes, copies its outputs back and synchronizes. For the SD 1.5 UNet at
+512x512 with classifier-free guidance that is 0.6 MiB in (sample 2x4x64x64, text embeddings
+2x77x768, fp32) and 0.1 MiB out per step. The denoising loop avoids even that: the step-fused
+UNet's runner keeps the whole loop on the device (`tensorrt_loop`).
 
 Imports of `tensorrt` and CUDA Python (`cuda.bindings.runtime`, or the older `cuda.cudart`)
 happen only when a runner is made or availability is asked.
@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import math
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,9 +28,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdrun.backends import BackendOptions
-from sdrun.bundle import Bundle, ComponentRecord
-from sdrun.engine_files import (EngineVerdict, check_input_shapes, engine_verdict, file_verdict, rebuild_command,
-                                stale_engine_error, version_tuple)
+from sdrun.backends.tensorrt_runner import TensorRTRunner
+from sdrun.bundle import Bundle
+from sdrun.engine_files import (EngineVerdict, engine_verdict, file_verdict, rebuild_command, stale_engine_error,
+                                version_tuple)
 from sdrun.errors import MissingDependencyError, UserError
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def tensorrt_runners(bundle: Bundle, components: list[str], options: BackendOpti
     another GPU architecture, from another ONNX graph, or whose file changed.
     """
     trt, cuda = require_tensorrt()
-    return EngineGroup(bundle, components, trt, cuda).runners
+    return EngineGroup(bundle, components, trt, cuda, options.cuda_graph).runners
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +228,7 @@ class DeviceMemoryApi:
 class EngineGroup:
     """Engines, contexts, the stream and every device allocation of one bundle's TensorRT runners."""
 
-    def __init__(self, bundle: Bundle, components: list[str], trt, cuda: Cuda):
+    def __init__(self, bundle: Bundle, components: list[str], trt, cuda: Cuda, cuda_graph: bool = False):
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
         capability = cuda.compute_capability()
@@ -238,23 +238,31 @@ class EngineGroup:
                 raise stale_engine_error(bundle.root, verdict)
         engines = {n: engine_from_bundle(runtime, bundle.root, v) for n, v in verdicts.items()}
         self.cuda, self.allocations = cuda, DeviceAllocations(cuda)
-        self._finalizer = weakref.finalize(self, self.allocations.release)
+        self.runners: dict[str, TensorRTRunner] = {}
+        self._finalizer = weakref.finalize(self, release_group, self.runners, self.allocations)
         self.stream = self.allocations.stream()
         memory = DeviceMemoryApi.for_version(trt.__version__)
         scratch_size = max((memory.size(engine) for engine in engines.values()), default=0)
         scratch = self.allocations.malloc(scratch_size)
-        self.runners = {}
         for name, engine in engines.items():
             context = context_with_memory(trt, engine, memory, scratch, scratch_size)
             hint = rebuild_command(bundle.root, name, verdicts[name].record.static)
             self.runners[name] = TensorRTRunner(self, engine, context, bundle.component(name), verdicts[name],
-                                                hint, trt)
+                                                hint, trt, cuda_graph)
 
     def close(self) -> None:
         """Drop the contexts and free every device allocation now (also done when collected)."""
         for runner in self.runners.values():
             runner.context = None
         self._finalizer()
+
+
+def release_group(runners: dict, allocations: DeviceAllocations) -> None:
+    """Page-locked staging and captured graphs first, then the device memory and the stream."""
+    with contextlib.suppress(CudaError):
+        for runner in runners.values():
+            runner.release()
+    allocations.release()
 
 
 def context_with_memory(trt, engine: trt.ICudaEngine, memory: DeviceMemoryApi, pointer: int,
@@ -307,82 +315,3 @@ def engine_from_bundle(runtime: trt.Runtime, bundle: Path, verdict: EngineVerdic
         raise UserError(f"TensorRT could not load the engine {path} (see the TensorRT error above).",
                         fix=f"rebuild it: {rebuild_command(bundle, verdict.component, verdict.record.static)}")
     return engine
-
-
-@dataclasses.dataclass
-class ShapeBuffers:
-    """Device buffers for one set of input shapes, and the host arrays outputs are copied into."""
-
-    device: dict  # tensor name -> device pointer
-    host_outputs: dict  # output name -> np.ndarray in the engine's dtype
-
-
-class TensorRTRunner:
-    """One engine; `run` takes and returns numpy arrays keyed by the manifest's tensor names."""
-
-    def __init__(self, group: EngineGroup, engine: trt.ICudaEngine, context: trt.IExecutionContext,
-                 record: ComponentRecord, verdict: EngineVerdict, rebuild_hint: str, trt):
-        self.group, self.engine, self.context = group, engine, context
-        self.record, self.profile, self.rebuild_hint = record, verdict.record.profile, rebuild_hint
-        self.dtypes = engine_tensor_dtypes(engine, record, rebuild_hint, trt)
-        self._buffers: dict[tuple, ShapeBuffers] = {}
-        self._bound: tuple | None = None
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shapes = {spec.name: tuple(np.shape(feeds[spec.name])) for spec in self.record.inputs}
-        check_input_shapes(self.record.name, shapes, self.profile, self.rebuild_hint)
-        buffers = self._bind(shapes)
-        cuda, stream = self.group.cuda, self.group.stream
-        staged = [np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]) for name in shapes]
-        for name, host in zip(shapes, staged):
-            cuda.to_device(buffers.device[name], host, stream)
-        if not self.context.execute_async_v3(int(stream)):
-            raise CudaError(f"TensorRT failed to run {self.record.name} (see the TensorRT error above)")
-        for name, host in buffers.host_outputs.items():
-            cuda.to_host(host, buffers.device[name], stream)
-        cuda.synchronize(stream)
-        return {spec.name: _as_dtype(buffers.host_outputs[spec.name], spec.dtype) for spec in self.record.outputs}
-
-    def _bind(self, shapes: dict[str, tuple[int, ...]]) -> ShapeBuffers:
-        """Set input shapes and tensor addresses; allocate buffers the first time a shape is seen."""
-        key = tuple(shapes.items())
-        if key == self._bound:
-            return self._buffers[key]
-        for name, shape in shapes.items():
-            if not self.context.set_input_shape(name, shape):
-                raise UserError(f"TensorRT refused shape {list(shape)} for input {name!r} of {self.record.name}.",
-                                fix=f"rebuild with a profile that covers it: {self.rebuild_hint}")
-        if key not in self._buffers:
-            self._buffers[key] = self._allocate(shapes)
-        for name, pointer in self._buffers[key].device.items():
-            self.context.set_tensor_address(name, pointer)
-        self._bound = key
-        return self._buffers[key]
-
-    def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> ShapeBuffers:
-        allocations = self.group.allocations
-        outputs = {spec.name: np.empty(tuple(self.context.get_tensor_shape(spec.name)), dtype=self.dtypes[spec.name])
-                   for spec in self.record.outputs}
-        device = {name: allocations.malloc(math.prod(shape) * self.dtypes[name].itemsize)
-                  for name, shape in shapes.items()}
-        device.update({name: allocations.malloc(array.nbytes) for name, array in outputs.items()})
-        return ShapeBuffers(device, outputs)
-
-
-def engine_tensor_dtypes(engine: trt.ICudaEngine, record: ComponentRecord, rebuild_hint: str, trt) -> dict:
-    """numpy dtype of every manifest tensor as the engine holds it; refuses an engine whose I/O differ."""
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
-    expected_inputs = {s.name for s in record.inputs}
-    expected_outputs = {s.name for s in record.outputs}
-    if inputs != expected_inputs or not expected_outputs <= set(names) - inputs:
-        raise UserError(f"the TensorRT engine of {record.name} has other inputs/outputs than the manifest.",
-                        expected=f"inputs {sorted(expected_inputs)}, outputs {sorted(expected_outputs)}",
-                        got=f"inputs {sorted(inputs)}, outputs {sorted(set(names) - inputs)}",
-                        fix=f"rebuild it: {rebuild_hint}")
-    return {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in expected_inputs | expected_outputs}
-
-
-def _as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
-    """Outputs in the manifest's dtype, whatever precision the engine computes its I/O in."""
-    return array if array.dtype == np.dtype(dtype) else array.astype(dtype)

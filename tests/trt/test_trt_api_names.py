@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKED_FILES = ("sdcompile/trt.py", "runtime/backends/tensorrt.py")
+CHECKED_FILES = ("sdcompile/trt.py", "runtime/backends/tensorrt.py", "runtime/backends/tensorrt_runner.py",
+                 "runtime/backends/tensorrt_loop.py")
 STUBS = "tensorrt-stubs"
 STUBS_INSTALL = ".venv/bin/pip install --no-deps tensorrt-stubs==10.13.0.35.1"
 

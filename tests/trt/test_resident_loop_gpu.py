@@ -1,0 +1,70 @@
+"""The device-resident loop on a GPU: the same latents as the host loop over the same engines.
+
+Needs TensorRT, CUDA Python and an NVIDIA GPU (the `gpu` marker); skipped with the reason elsewhere.
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from sdrun.backends import BackendOptions, make_runners
+from sdrun.bundle import open_bundle
+from sdrun.metrics import compare
+from sdrun.pipeline import GenerationRequest, Pipeline
+
+pytestmark = pytest.mark.gpu
+
+COMPONENTS = ["text_encoder", "unet_step", "vae_decoder"]
+MAX_REL_L2 = 1e-6  # same engines, same inputs: only the copies differ
+
+
+class HostLoop:
+    """A runner seen without its resident loop, so the pipeline steps it from the host."""
+
+    def __init__(self, runner):
+        self.runner, self.rebuild_hint = runner, runner.rebuild_hint
+
+    def run(self, feeds):
+        return self.runner.run(feeds)
+
+
+def static_engine_bundle(tiny_bundle, folder):
+    from sdrun.backends.tensorrt import tensorrt_available
+
+    available, reason = tensorrt_available()
+    if not available:
+        pytest.skip(reason)
+    from sdcompile.trt import BuildOptions, BuildRequest, build_engines
+    from sdcompile.trt_profiles import ShapeMode, ShapeRequest
+
+    copy = folder / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    build_engines(BuildRequest(copy, tuple(COMPONENTS), BuildOptions(shapes=ShapeRequest(ShapeMode.STATIC))),
+                  log=lambda line: None)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle, tmp_path_factory):
+    return open_bundle(static_engine_bundle(tiny_bundle, tmp_path_factory.mktemp("resident")),
+                       lambda manifest: COMPONENTS)
+
+
+def latents(bundle, options: BackendOptions, host_loop: bool = False) -> np.ndarray:
+    runners = make_runners("tensorrt", bundle, COMPONENTS, options)
+    if host_loop:
+        runners["unet_step"] = HostLoop(runners["unet_step"])
+    request = GenerationRequest("a lighthouse on a cliff at dawn", "blurry", steps=6, seed=1, eta=0.5)
+    return Pipeline(bundle, runners).generate(request).latents
+
+
+def test_resident_loop_equals_the_host_loop(bundle):
+    error = compare(latents(bundle, BackendOptions(), host_loop=True), latents(bundle, BackendOptions())).rel_l2
+    assert error <= MAX_REL_L2, f"rel L2 {error:.3g}"
+
+
+def test_cuda_graph_replay_equals_the_resident_loop(bundle):
+    error = compare(latents(bundle, BackendOptions()), latents(bundle, BackendOptions(cuda_graph=True))).rel_l2
+    assert error <= MAX_REL_L2, f"rel L2 {error:.3g}"
