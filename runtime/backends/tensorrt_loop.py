@@ -141,6 +141,7 @@ class ResidentLoop:
                  on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         context = guided_context(context, plan)
         table = step_table(plan, x.shape, self.runner.dtypes)
+        self._set_shapes(x.shape, context.shape, table)  # the runner's `run` may have set others since
         buffers = self._prepared(x.shape, context.shape, plan.steps, table)
         self._upload(buffers, x, context, table)
         for step in range(plan.steps):
@@ -158,11 +159,14 @@ class ResidentLoop:
             self._buffers[key] = self._allocate(latent, context, table)
         return self._buffers[key]
 
-    def _allocate(self, latent: tuple, context: tuple, table: dict[str, np.ndarray]) -> LoopBuffers:
-        runner, malloc = self.runner, self.runner.group.allocations.malloc
+    def _set_shapes(self, latent: tuple, context: tuple, table: dict[str, np.ndarray]) -> None:
         shapes = {SAMPLE: latent, CONTEXT: context, **{name: rows.shape[1:] for name, rows in table.items()}}
         for name, shape in shapes.items():
-            runner.set_input_shape(name, shape)
+            self.runner.set_input_shape(name, shape)
+
+    def _allocate(self, latent: tuple, context: tuple, table: dict[str, np.ndarray]) -> LoopBuffers:
+        """Buffers for one loop shape; the engine's input shapes must be set already."""
+        runner, malloc = self.runner, self.runner.group.allocations.malloc
         latent_bytes = math.prod(latent) * runner.dtypes[SAMPLE].itemsize
         extra = {name: malloc(nbytes) for name, nbytes in runner.unread_output_bytes({OUTPUT}).items()}
         return LoopBuffers(
