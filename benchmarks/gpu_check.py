@@ -97,6 +97,7 @@ def median_ms(runner, feeds: dict, repeats: int) -> float:
 def compare_components(bundle: Path, repeats: int, candidate: str = "tensorrt",
                        options: BackendOptions = BackendOptions(), seed: int = 0) -> list[ComponentResult]:
     """Every component at the recipe's opt shapes: `candidate` vs ONNX Runtime CPU, same inputs."""
+    from sdcompile.trt import BuildOptions  # what build_bundle_engines builds with
     from sdrun.backends import make_runners
     from sdrun.bundle import open_bundle
     from sdrun.gates import tensorrt_gate
@@ -114,8 +115,8 @@ def compare_components(bundle: Path, repeats: int, candidate: str = "tensorrt",
         feeds = sample_feeds(record, shapes, opened.recipe.text_encoder.vocab_size, rng)
         reference = {k: v.copy() for k, v in references[name].run(feeds).items()}
         result = {k: v.copy() for k, v in candidates[name].run(feeds).items()}
-        gate = tensorrt_gate(record.precision)
-        verdicts = {out: gate.judge(f"{name}: {out}", compare(reference[out], result[out]).to_dict())
+        verdicts = {out: tensorrt_gate(out, record.precision, BuildOptions().tf32).judge(
+                        f"{name}: {out}", compare(reference[out], result[out]).to_dict())
                     for out in reference}
         results.append(ComponentResult(name, shapes, verdicts, median_ms(candidates[name], feeds, repeats),
                                        median_ms(references[name], feeds, max(1, repeats // 4))))

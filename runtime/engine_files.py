@@ -67,7 +67,19 @@ class EngineRecord:
     onnx_sha256: dict  # bundle-relative path -> sha256 of every ONNX file the engine came from
     build_seconds: float
     static: bool  # min = opt = max for every input
-    builder: dict = dataclasses.field(default_factory=dict)  # optimization level, workspace, device name
+    # optimization level, workspace, device name, "attention" ("decomposed" | "fused"), "tf32" (bool)
+    builder: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def tf32(self) -> bool:
+        """Whether fp32 products may round to TF32; records from before the choice was made had
+        TensorRT's default, on."""
+        return bool(self.builder.get("tf32", True))
+
+    @property
+    def attention(self) -> str:
+        """The attention the parser was fed; records from before the choice fed the bundle's graph."""
+        return self.builder.get("attention", "fused")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,7 +1,10 @@
 """TensorRT engine build: each component's ONNX graph in a bundle -> an engine file beside it.
 
 Networks are strongly typed, so every tensor keeps the precision the ONNX graph gives it (fp16
-comes from our fp16 pass, never from a builder flag). One optimization profile per engine, from
+comes from our fp16 pass, never from a builder flag), and fp32 stays fp32: TF32 is off unless
+asked for. Attention reaches the parser decomposed (MatMul-Softmax-MatMul, which every TensorRT
+10 parses and fuses itself) unless the fused `Attention` graph is asked for (parser >= 10.14).
+One optimization profile per engine, from
 the recipe's shape ranges (`sdcompile.trt_profiles`). Engines are named by TensorRT version and
 GPU compute capability and recorded in the manifest (`sdrun.engine_files`); engine, timing
 cache and manifest are written to temp files and renamed into place.
@@ -10,9 +13,14 @@ The only module on the compile side that imports `tensorrt`, and only when a bui
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import hashlib
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -28,6 +36,13 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 
+class AttentionPath(enum.Enum):
+    """The attention the ONNX parser is fed."""
+
+    DECOMPOSED = "decomposed"  # MatMul-Softmax-MatMul (passes/unfused_attention.py): every TensorRT 10
+    FUSED = "fused"  # the bundle's ONNX Attention nodes as they are: TensorRT >= 10.14
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
     """How engines are built; `None` means TensorRT's default."""
@@ -36,6 +51,9 @@ class BuildOptions:
     timing_cache: Path | None = None  # loaded when the file exists, written after each engine
     optimization_level: int | None = None  # builder optimization level 0..5 (TensorRT's default: 3)
     max_workspace: int | None = None  # bytes of scratch a layer may use while building (default: all)
+    # Decomposed until a GPU run shows TensorRT's Attention importer building and matching.
+    attention: AttentionPath = AttentionPath.DECOMPOSED
+    tf32: bool = False  # let fp32 matrix products and convolutions round their inputs to TF32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +91,19 @@ def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> 
     target = BuildTarget(trt.__version__, cuda.compute_capability(), cuda.device_name())
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    graphs = {n: checked_graph(bundle, manifest.components[n], profiles[n], trt.__version__) for n in names}
+    for n in names:
+        checked_graph(bundle, manifest.components[n], profiles[n], trt.__version__, request.options.attention)
     cache = None
-    for name, graph in graphs.items():
+    for name in names:
         kind = "static" if is_static(profiles[name]) else "dynamic"
         log(f"[{name}] building a TensorRT {target.tensorrt_version} engine for sm "
-            f"{capability_text(target.compute_capability)} ({kind} shapes)")
+            f"{capability_text(target.compute_capability)} ({kind} shapes, "
+            f"{request.options.attention.value} attention)")
         started = time.perf_counter()
-        serialized, cache = engine_from_onnx(trt, builder, logger, graph, profiles[name], request.options, cache, log)
+        with parser_graph(bundle, manifest.components[name], request.options.attention) as graph:
+            check_parser_supports(trt.__version__, graph_info_from_onnx(graph), name)
+            serialized, cache = engine_from_onnx(trt, builder, logger, graph, profiles[name], request.options,
+                                                 cache, log)
         seconds = round(time.perf_counter() - started, 2)
         relative = engine_path(name, target.tensorrt_version, target.compute_capability)
         digest = write_bytes_atomic(bundle / relative, serialized)
@@ -106,14 +129,51 @@ def components_to_build(manifest: Manifest, requested: tuple[str, ...]) -> list[
     return [n for n in present if n in requested]
 
 
-def checked_graph(bundle: Path, record: ComponentRecord, profile: dict, tensorrt_version: str) -> Path:
-    """The component's ONNX path, once its files match the manifest and it can take `profile`."""
+def checked_graph(bundle: Path, record: ComponentRecord, profile: dict, tensorrt_version: str,
+                  attention: AttentionPath) -> Path:
+    """The component's ONNX path, once its files match the manifest and it can take `profile`
+    (and, fed fused, this TensorRT's parser reads its operators: refused before any build starts)."""
     verify_component_files(bundle, record)
     graph = bundle / record.graph
     info = graph_info_from_onnx(graph)
     check_profile_against_graph(record.name, profile, info.input_dims)
-    check_parser_supports(tensorrt_version, info, record.name)
+    if attention is AttentionPath.FUSED:
+        check_parser_supports(tensorrt_version, info, record.name)
     return graph
+
+
+@contextlib.contextmanager
+def parser_graph(bundle: Path, record: ComponentRecord, attention: AttentionPath) -> Iterator[Path]:
+    """The ONNX file TensorRT parses for `record`, valid inside the `with` block.
+
+    Fused, or with no fused attention to take apart: the bundle's graph itself. Decomposed: the
+    graph after the unfuse-attention pass, written without loading its external weights to a
+    hidden temporary file beside the bundle's graph, so the weights' relative paths still
+    resolve (nothing is copied), and deleted when the block ends, however it ends. A file
+    that outlives its build cannot be taken for a current one: it has a random name and is
+    not in the manifest.
+    """
+    import onnx
+
+    from sdcompile.graph.attention_match import FUSED_ATTENTION_OPS
+    from sdcompile.passes import run_pass
+
+    graph = Path(bundle) / record.graph
+    model = None if attention is AttentionPath.FUSED else onnx.load(str(graph), load_external_data=False)
+    if model is None or not any((n.domain, n.op_type) in FUSED_ATTENTION_OPS for n in model.graph.node):
+        yield graph
+        return
+    decomposed, _ = run_pass("unfuse-attention", model)
+    del model
+    handle, name = tempfile.mkstemp(prefix=f".{graph.stem}.decomposed-", suffix=".onnx", dir=graph.parent)
+    os.close(handle)
+    path = Path(name)
+    try:
+        onnx.save_model(decomposed, str(path))
+        del decomposed
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def engine_from_onnx(trt, builder: trt.Builder, logger: trt.ILogger, graph: Path, profile: dict,
@@ -143,7 +203,8 @@ def engine_record(relative: str, digest: str, target: BuildTarget, record: Compo
                         compute_capability=capability_text(target.compute_capability), profile=profile,
                         onnx_sha256=dict(record.files), build_seconds=seconds, static=is_static(profile),
                         builder={"device": target.device, "optimization_level": options.optimization_level,
-                                 "max_workspace": options.max_workspace})
+                                 "max_workspace": options.max_workspace, "attention": options.attention.value,
+                                 "tf32": options.tf32})
 
 
 def graph_info_from_onnx(path: Path) -> GraphInfo:
@@ -160,12 +221,13 @@ def graph_info_from_onnx(path: Path) -> GraphInfo:
 
 
 def check_parser_supports(tensorrt_version: str, info: GraphInfo, component: str) -> None:
-    """The standard ONNX Attention operator needs TensorRT's parser from 10.14 on."""
+    """The standard ONNX Attention operator needs TensorRT's parser from 10.14 on (`info`: the graph fed)."""
     if "Attention" in info.op_types and version_tuple(tensorrt_version) < ATTENTION_TENSORRT:
         needed = ".".join(map(str, ATTENTION_TENSORRT))
-        raise UserError(f"{component}: the graph uses the ONNX Attention operator, which TensorRT {tensorrt_version}'s "
-                        f"ONNX parser does not support.", expected=f"TensorRT >= {needed}", got=tensorrt_version,
-                        fix=f"upgrade TensorRT: pip install -U 'tensorrt>={needed}'")
+        raise UserError(f"{component}: the graph fed to the parser uses the ONNX Attention operator, which "
+                        f"TensorRT {tensorrt_version}'s ONNX parser does not support.",
+                        expected=f"TensorRT >= {needed}", got=tensorrt_version,
+                        fix=f"build with --attention decomposed, or upgrade TensorRT: pip install -U 'tensorrt>={needed}'")
 
 
 def network_flags(trt) -> int:
@@ -187,7 +249,8 @@ def network_from_onnx(trt, builder: trt.Builder, logger: trt.ILogger,
         errors = "\n".join(f"    {parser.get_error(i)}" for i in range(parser.num_errors))
         raise UserError(f"TensorRT {trt.__version__} could not parse {path}:\n{errors}",
                         fix="check the TensorRT version (the Attention operator needs >= "
-                            f"{'.'.join(map(str, ATTENTION_TENSORRT))}) and the graph with `sdcompile inspect`")
+                            f"{'.'.join(map(str, ATTENTION_TENSORRT))}; --attention decomposed avoids it) "
+                            "and the graph with `sdcompile inspect`")
     return network, parser
 
 
@@ -201,6 +264,13 @@ def profile_from_shapes(builder: trt.Builder, shapes: dict) -> trt.IOptimization
 
 def config_from_options(trt, builder: trt.Builder, options: BuildOptions, shapes: dict) -> trt.IBuilderConfig:
     config = builder.create_builder_config()
+    # TF32 (on by default) rounds the inputs of fp32 matrix products and convolutions to 10-bit mantissas
+    # (BuilderFlag.TF32 docs). Strong typing fixes tensor types, not how fp32 products are computed:
+    # TensorRT 11, where every network is strongly typed, removed the type-choosing flags (FP16, BF16, INT8,
+    # FP8, INT4, FP4; 10.x-to-11.x migration guide) and still lists TF32, "enabled by default". So it applies
+    # to strongly typed networks; cleared for every graph: fp32 graphs, and the fp32 islands of fp16 graphs.
+    if not options.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     if options.max_workspace is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.max_workspace)
     if options.optimization_level is not None:

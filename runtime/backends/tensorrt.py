@@ -40,8 +40,12 @@ if TYPE_CHECKING:
 INSTALL = ("pip install 'sdcompile[tensorrt]'   (TensorRT's wheels download their libraries from NVIDIA's "
            "package index at install time; if that step fails, add --extra-index-url https://pypi.nvidia.com)")
 CUDA_INSTALL = "pip install 'sdcompile[tensorrt]'   (or: pip install cuda-bindings)"
-MIN_TENSORRT = (10, 0)  # name-based tensor API, enqueueV3 only, ExecutionContextAllocationStrategy
-ATTENTION_TENSORRT = (10, 14)  # first ONNX parser that maps the standard Attention operator
+# The oldest release whose Python API has every TensorRT name sdcompile/trt.py and this file use: checked
+# against the stubs of 10.8 to 10.13, and 10.8 is the oldest release with published stubs (see
+# tests/trt/test_trt_api_names.py). Parsing the opset-23 graphs with the 10.8-10.13 ONNX parsers is
+# still to be shown on a GPU.
+MIN_TENSORRT = (10, 8)
+ATTENTION_TENSORRT = (10, 14)  # first ONNX parser that maps the standard Attention operator (`--attention fused`)
 V2_MEMORY_TENSORRT = (10, 1)  # device_memory_size_v2 and set_device_memory(ptr, size)
 
 

@@ -18,7 +18,7 @@ from sdcompile.graph.pass_result import PassResult
 from sdcompile.graph.reports import plain_data
 from sdcompile.graph.shape_inference import check_model_types
 from sdcompile.options import AttentionTarget, Precision
-from sdcompile.passes import cleanup, fp16, fused_attention, step_fusion
+from sdcompile.passes import cleanup, fp16, fused_attention, step_fusion, unfused_attention
 from sdcompile.passes.cleanup import CleanupOptions
 from sdcompile.passes.fused_attention import AttentionOptions
 from sdrun.errors import UserError
@@ -35,6 +35,7 @@ class PassOptions:
 PASSES: dict[str, Callable[[onnx.ModelProto, PassOptions], PassResult]] = {
     "cleanup": cleanup.run,
     "fuse-attention": fused_attention.run,
+    "unfuse-attention": unfused_attention.run,
     "fp16": fp16.run,
     "step-fusion": step_fusion.run,
 }

@@ -22,13 +22,15 @@ FP16_RTOL_L2 = 5e-3
 
 
 def test_registry_names_the_passes():
-    assert list(PASSES) == ["cleanup", "fuse-attention", "fp16", "step-fusion"]
+    assert list(PASSES) == ["cleanup", "fuse-attention", "unfuse-attention", "fp16", "step-fusion"]
     assert default_passes(Precision.FP32) == ["cleanup", "fuse-attention"]
     assert default_passes(Precision.FP16) == ["cleanup", "fuse-attention", "fp16"]
 
 
 def _input_for(name: str) -> onnx.ModelProto:
     model = toy_unet() if name == "step-fusion" else attention_model(causal=True)
+    if name == "unfuse-attention":
+        model, _ = optimize_model(model, ["fuse-attention"])
     model.doc_string = "made by the test"
     helper.set_model_props(model, {"origin": "test"})
     return model

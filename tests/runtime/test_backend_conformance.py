@@ -71,7 +71,10 @@ def feeds_at(loaded: Loaded, component: str, level: str) -> dict[str, np.ndarray
 
 
 def gate_for(backend: str, output: str, precision: str) -> gates.Gate:
-    return gates.tensorrt_gate(precision) if backend == "tensorrt" else gates.output_gate(output, precision)
+    from sdcompile.trt import BuildOptions  # what engine_bundle builds with
+
+    return (gates.tensorrt_gate(output, precision, BuildOptions().tf32) if backend == "tensorrt"
+            else gates.output_gate(output, precision))
 
 
 @pytest.mark.parametrize("level", LEVELS)

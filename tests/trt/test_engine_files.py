@@ -12,6 +12,8 @@ from sdrun.engine_files import (EngineRecord, StaleReason, check_input_shapes, e
                                 engine_verdict, file_verdict, manifest_with_engine, rebuild_command, sm_tag,
                                 stale_engine_error, version_tag)
 from sdrun.errors import USAGE_EXIT_CODE, UserError
+from sdrun.gates import (FP32_IMAGE_OUTPUT, FP32_OUTPUT, TENSORRT_FP16_OUTPUT, TENSORRT_TF32_OUTPUT,
+                         tensorrt_gate)
 
 VERSION, H100 = "10.13.0.35", (9, 0)
 ONNX_FILES = {"unet/model.onnx": "a" * 64, "unet/model.onnx.data": "b" * 64}
@@ -32,7 +34,8 @@ def engine(version: str = VERSION, capability: str = "9.0", static: bool = False
     record = EngineRecord(file=engine_path("unet", version, (int(capability[0]), int(capability[-1]))),
                           sha256="c" * 64, tensorrt_version=version, compute_capability=capability,
                           profile=PROFILE, onnx_sha256=dict(ONNX_FILES), build_seconds=12.5, static=static,
-                          builder={"device": "NVIDIA H100", "optimization_level": None, "max_workspace": None})
+                          builder={"device": "NVIDIA H100", "optimization_level": None, "max_workspace": None,
+                                   "attention": "decomposed", "tf32": False})
     return dataclasses.replace(record, **changes)
 
 
@@ -63,6 +66,27 @@ def test_engine_record_round_trips_through_json():
     assert EngineRecord.from_dict(data) == record
     assert {"file", "tensorrt_version", "compute_capability", "profile", "onnx_sha256", "build_seconds",
             "static"} <= set(data)
+
+
+def test_engine_record_says_how_attention_and_fp32_were_built():
+    assert (engine().attention, engine().tf32) == ("decomposed", False)
+    assert (engine(builder={"tf32": True}).attention, engine(builder={"tf32": True}).tf32) == ("fused", True)
+
+
+def test_records_written_before_the_choices_read_as_what_they_were_built_with():
+    """Before: the bundle's graph was parsed as it is (fused Attention) with TensorRT's default, TF32 on."""
+    old = engine().to_dict()
+    old["builder"] = {"device": "NVIDIA H100", "optimization_level": None, "max_workspace": None}
+    record = EngineRecord.from_dict(json.loads(json.dumps(old)))
+    assert (record.attention, record.tf32) == ("fused", True)
+    assert engine_verdict(with_engines(record), VERSION, H100).usable
+
+
+def test_fp32_engines_without_tf32_face_the_onnxruntime_fp32_gates():
+    assert tensorrt_gate("latent", "fp32", engine().tf32) == FP32_OUTPUT
+    assert tensorrt_gate("images", "fp32", engine().tf32) == FP32_IMAGE_OUTPUT
+    assert tensorrt_gate("latent", "fp32", engine(builder={}).tf32) == TENSORRT_TF32_OUTPUT
+    assert tensorrt_gate("images", "fp16", False) == tensorrt_gate("latent", "fp16", True) == TENSORRT_FP16_OUTPUT
 
 
 def test_manifest_gains_replaces_and_keeps_engines(tmp_path):

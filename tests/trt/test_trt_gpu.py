@@ -97,7 +97,8 @@ def test_every_engine_is_recorded_with_its_origin(bundle):
 
 
 def test_tensorrt_matches_onnxruntime_per_component(bundle):
-    from sdrun.metrics import relative_l2
+    from sdrun.engine_files import EngineRecord, engine_key
+    from sdrun.gates import output_statistics
 
     manifest = read_manifest(bundle)
     names = list(manifest.components)
@@ -109,9 +110,10 @@ def test_tensorrt_matches_onnxruntime_per_component(bundle):
         result = engines[name].run(feeds)
         for output, expected in reference.items():
             assert result[output].shape == expected.shape and result[output].dtype == expected.dtype
-            error = relative_l2(expected, result[output])
-            limit = tensorrt_gate(record.precision).threshold
-            assert error <= limit, f"{name}.{output}: relative L2 {error:.3g} > {limit} (needs {error:.2g})"
+            tf32 = EngineRecord.from_dict(record.engines[engine_key(*identity())]).tf32
+            verdict = tensorrt_gate(output, record.precision, tf32).judge(
+                f"{name}.{output}", output_statistics(output, expected, result[output]))
+            assert verdict.passed, verdict.describe()
 
 
 def test_dynamic_engine_takes_min_and_max_and_refuses_beyond(bundle):
