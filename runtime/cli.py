@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from sdrun import __version__
-from sdrun.backends import BACKEND_CHOICES
+from sdrun.backends import BACKEND_CHOICES, TORCH_DTYPES
 from sdrun.errors import debug_option, run_cli
 
 
@@ -40,6 +40,8 @@ def generation_options(command):
         click.option("--init-noise", type=click.Path(path_type=Path), help=".npy (batch, 4, h/8, w/8) float32 noise"),
         click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True),
         click.option("--threads", type=int, help="ONNX Runtime intra-op threads [default: one per core]"),
+        click.option("--device", help="torch backend: cpu, cuda or cuda:N [default: cpu]"),
+        click.option("--dtype", type=click.Choice(TORCH_DTYPES), help="torch backend: precision [default: fp32]"),
         click.option("--quiet", is_flag=True, help="no progress bar or timing table"),
     ]
     for option in reversed(options):
