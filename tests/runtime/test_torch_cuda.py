@@ -14,6 +14,7 @@ from PIL import Image
 from sdrun import gates
 from sdrun.backends import BackendOptions
 from sdrun.errors import USAGE_EXIT_CODE
+from sdrun.metrics import compare
 from tests.runtime.test_torch_device import component_feeds, runners_on, sdrun, txt2img
 
 pytestmark = [pytest.mark.gpu,
@@ -59,7 +60,7 @@ def test_txt2img_on_cuda_fp16_matches_the_cpu(tiny_bundle, tmp_path, capsys):
         code, err = sdrun(capsys, *txt2img(tiny_bundle, tmp_path / f"{name}.png", "--backend", "torch", *extra))
         assert code == 0, err
     images = [np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.float64) / 255.0 for name in ("cpu", "cuda")]
-    stats = gates.output_statistics("images", images[0], images[1])
+    stats = compare(images[0], images[1], data_range=gates.UNIT_RANGE).to_dict()
     verdict = gates.pipeline_image_gate("fp16").judge("torch cuda fp16 txt2img", stats)
     assert verdict.passed, verdict.describe()
 
