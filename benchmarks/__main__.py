@@ -23,16 +23,21 @@ from sdrun.errors import run_cli
               help="time one UNet call at batch 2 (eager, ONNX Runtime fp32/fp16, diffusers) instead of txt2img")
 def main(recipe, steps, repeats, warmup, out, seed, threads, unet_step_only) -> None:
     """Export the recipe with random weights, run every available backend on the same prompts and noise,
-    and report accuracy (per component and end to end) and latency. Exits 1 when an accuracy gate fails."""
+    and report accuracy (per component and end to end) and latency. Exits 1 when an accuracy gate fails
+    or a backend this machine has fails to build or run; a backend it lacks is listed as not run."""
     from benchmarks import provenance
     from benchmarks.config import BenchConfig, Scope
-    from benchmarks.harness import run_benchmark
+    from benchmarks.harness import BackendFailure, run_benchmark
     from benchmarks.report import write_results
 
     config = BenchConfig(recipe=recipe, scope=Scope.UNET_STEP if unet_step_only else Scope.PIPELINE, steps=steps,
                          repeats=repeats, warmup=warmup, seed=seed, threads=threads)
     started = provenance.started()
-    result = run_benchmark(config, log=click.echo)
+    try:
+        result = run_benchmark(config, log=click.echo)
+    except BackendFailure as failure:
+        click.echo(f"benchmark FAILED: {failure}", err=True)
+        sys.exit(1)
     paths = write_results(result, out, started, log=click.echo)
     click.echo("\n" + paths["markdown"].read_text())
     sys.exit(1 if result.failed_gates else 0)

@@ -1,14 +1,23 @@
-"""Check the TensorRT path once on a machine with TensorRT and an NVIDIA GPU.
+"""The one prepared check for a machine with an NVIDIA GPU: `python benchmarks/gpu_check.py`.
 
-Exports the tiny recipe with seeded random weights (unless the bundle exists), builds its
-TensorRT engines, runs every component on TensorRT and on ONNX Runtime CPU with the same
-inputs, and prints accuracy and latency side by side; then one txt2img run per backend with
-the images compared. Every runner is made through the backend registry.
+Three parts, each passing or failing on its own, then one table and a JSON report (`--out`):
+- cuda buffers (`benchmarks.gpu_cuda_buffers`, needs CUDA Python, not TensorRT): the runtime's device
+  buffers, page-locked host buffers, stream and shared scratch, with random bytes round-tripped bit
+  for bit;
+- torch cuda (`benchmarks.gpu_torch_anchor`, needs torch with CUDA): the SD 1.5 UNet in eager fp16 at
+  512² batch 2, timed, and held to the fp16 gate against fp32: the GPU anchor;
+- tensorrt (below, where TensorRT is installed): exports the tiny recipe with seeded random weights
+  (unless the bundle exists), builds its engines, runs every component on TensorRT and on ONNX
+  Runtime CPU with the same inputs (accuracy and latency side by side), checks that device buffers
+  are reused across calls, and runs one txt2img per backend with the images compared. Every runner
+  is made through the backend registry.
 
-    python benchmarks/gpu_check.py [--bundle DIR] [--precision fp16|fp32] [--static] [--repeats N]
+    python benchmarks/gpu_check.py [--out FILE] [--unet-repeats N] [--bundle DIR] [--precision fp16|fp32]
+                                   [--static] [--repeats N]
 
-Exit status: 0 when every component is within tolerance and both txt2img runs succeed, 1 when
-one is not or does not, 2 when TensorRT or a GPU is missing (the reason is printed).
+Exit status: 2 without an NVIDIA GPU (nothing checked; the reason is printed), 1 when any part
+failed (including TensorRT that is installed but cannot build or run), 0 when every part that ran
+passed; TensorRT that is not installed is "not run", with the reason.
 """
 from __future__ import annotations
 
@@ -19,14 +28,19 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: the repository's `benchmarks` package must import
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import click
 import numpy as np
 
+from benchmarks.gpu_parts import NO_GPU_EXIT, Check, PartResult, Status, error_text, exit_code, run_part
 from sdrun.backends import BackendOptions
 
 PRECISIONS = ("fp16", "fp32")
 CPU_REFERENCE = BackendOptions(providers=("CPUExecutionProvider",))
 DEFAULT_BUNDLE = Path("build/gpu-check")
+DEFAULT_REPORT = DEFAULT_BUNDLE / "gpu-check.json"
 TIMESTEP = 500.0  # mid-schedule, a typical UNet input
 PROMPT = "a lighthouse on a cliff at dawn"
 
@@ -150,7 +164,11 @@ def latency_table(results: list[ComponentResult]) -> str:
 
 
 def run_end_to_end(bundle: Path, out: Path, seed: int = 42) -> dict | None:
-    """txt2img on ONNX Runtime and on TensorRT with one seed; image statistics, or None when a run failed."""
+    """txt2img on ONNX Runtime and on TensorRT with one seed; image statistics, or None when a run failed.
+
+    The images are held to the fp16 end-to-end gate (PSNR) at either precision: TensorRT's fp32 kernels
+    sum in another order over every step.
+    """
     images = {}
     for backend in ("onnxruntime", "tensorrt"):
         image = out / f"txt2img-{backend}.png"
@@ -187,28 +205,100 @@ def _image_report(reference: np.ndarray, candidate: np.ndarray) -> dict:
     return stats
 
 
-@click.command()
-@click.option("--bundle", type=click.Path(path_type=Path),
-              help="bundle to use or create (default: build/gpu-check/tiny-PRECISION)")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True)
-@click.option("--static", is_flag=True, help="build static engines at the recipe's opt shapes")
-@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="timed calls per component")
-def main(bundle, precision, static, repeats) -> None:
-    """TensorRT vs ONNX Runtime CPU on the tiny recipe: accuracy and latency per component."""
-    from sdrun.backends.tensorrt import tensorrt_available
+def end_to_end_check(stats: dict | None) -> Check:
+    from sdrun.gates import pipeline_image_gate
 
-    available, reason = tensorrt_available()
-    if not available:
-        click.echo(f"cannot check the TensorRT path: {reason}", err=True)
-        sys.exit(2)
-    bundle = bundle or DEFAULT_BUNDLE / f"tiny-{precision}"
-    ensure_bundle(bundle, precision)
-    build_bundle_engines(bundle, static)
-    results = compare_components(bundle, repeats)
+    if stats is None:
+        return Check("txt2img tensorrt vs onnxruntime", False, "a txt2img run failed (its stderr is above)")
+    verdict = pipeline_image_gate("fp16").judge("txt2img tensorrt vs onnxruntime", stats)
+    return Check("txt2img tensorrt vs onnxruntime", verdict.passed, verdict.describe())
+
+
+def buffer_reuse_check(bundle: Path, steps: int = 3) -> Check:
+    """The UNet's device buffers: the same pointers on every call of one shape, also after another shape ran."""
+    from sdrun.backends import make_runners
+    from sdrun.bundle import open_bundle
+
+    opened = open_bundle(bundle, lambda manifest: ["unet"])
+    runner = make_runners("tensorrt", opened, ["unet"])["unet"]
+    record, vocab = opened.component("unet"), opened.recipe.text_encoder.vocab_size
+    feeds = {level: sample_feeds(record, {n: lv[level] for n, lv in record.profile.items()}, vocab,
+                                 np.random.default_rng(0)) for level in ("opt", "min")}
+    seen = []
+    for level in ["opt"] * steps + ["min", "opt"]:
+        runner.run(feeds[level])
+        seen.append(runner.device_pointers())
+    opt_calls = [pointers for pointers, level in zip(seen, ["opt"] * steps + ["min", "opt"]) if level == "opt"]
+    reused = all(p == opt_calls[0] for p in opt_calls) and bool(opt_calls[0])
+    return Check("unet device buffers reused", reused, f"{len(opt_calls)} calls at the opt shape (one call at the min "
+                 f"shape between) bound {'the same' if reused else 'different'} {len(opt_calls[0])} tensor addresses")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTCheck:
+    bundle: Path | None
+    precision: str
+    static: bool
+    repeats: int
+
+
+def tensorrt_part(check: TensorRTCheck) -> PartResult:
+    """Not run where TensorRT is not installed; failed where it is but cannot run; else every check below."""
+    from sdrun.backends.tensorrt import probe_tensorrt
+
+    probe = probe_tensorrt()
+    if probe.problem is not None:
+        return PartResult("tensorrt", Status.FAILED if probe.installed else Status.NOT_RUN, error_text(probe.problem))
+    bundle = check.bundle or DEFAULT_BUNDLE / f"tiny-{check.precision}"
+    ensure_bundle(bundle, check.precision)
+    build_bundle_engines(bundle, check.static)
+    results = compare_components(bundle, check.repeats)
     click.echo("\nAccuracy (reference: ONNX Runtime CPU)\n" + accuracy_table(results))
     click.echo("\nLatency (median per call)\n" + latency_table(results) + "\n")
-    end_to_end = run_end_to_end(bundle, bundle.parent)
-    sys.exit(0 if all(r.passed for r in results) and end_to_end is not None else 1)
+    checks = [Check(f"{r.name}: {output}", v.passed, v.describe()) for r in results for output, v in r.verdicts.items()]
+    checks += [buffer_reuse_check(bundle), end_to_end_check(run_end_to_end(bundle, bundle.parent))]
+    latency = {r.name: {"tensorrt_ms": r.candidate_ms, "onnxruntime_cpu_ms": r.onnxruntime_ms} for r in results}
+    return PartResult.from_checks("tensorrt", checks, {"tensorrt": probe.trt.__version__, "latency": latency})
+
+
+def environment() -> dict:
+    from sdrun.backends.cuda_stack import installed_cuda_packages, read_driver
+
+    return {"driver": read_driver().description, "python": sys.version.split()[0],
+            "packages": {p.name: p.version for p in installed_cuda_packages()}}
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_REPORT, show_default=True,
+              help="the JSON report")
+@click.option("--unet-repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="timed SD 1.5 UNet calls in the torch cuda part")
+@click.option("--bundle", type=click.Path(path_type=Path),
+              help="TensorRT part: bundle to use or create (default: build/gpu-check/tiny-PRECISION)")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True)
+@click.option("--static", is_flag=True, help="TensorRT part: static engines at the recipe's opt shapes")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="TensorRT part: timed calls per component")
+def main(out, unet_repeats, bundle, precision, static, repeats) -> None:
+    """CUDA buffers, the torch CUDA UNet anchor and (where installed) TensorRT against ONNX Runtime CPU."""
+    from benchmarks.gpu_cuda_buffers import cuda_buffer_part
+    from benchmarks.gpu_parts import summary_table, write_report
+    from benchmarks.gpu_torch_anchor import AnchorConfig, torch_anchor_part
+    from sdrun.backends.cuda_stack import read_driver
+
+    driver = read_driver()
+    if driver.device_count == 0:
+        click.echo(f"cannot check the GPU paths: {driver.problem}. Run this on a machine with an NVIDIA GPU; "
+                   "its CPU side runs in tests/benchmarks/test_gpu_check_runners.py.", err=True)
+        sys.exit(NO_GPU_EXIT)
+    click.echo(f"{driver.description}")
+    parts = [run_part("cuda buffers", cuda_buffer_part, click.echo),
+             run_part("torch cuda", lambda: torch_anchor_part(AnchorConfig(repeats=unet_repeats)), click.echo),
+             run_part("tensorrt", lambda: tensorrt_part(TensorRTCheck(bundle, precision, static, repeats)), click.echo)]
+    code = exit_code(True, parts)
+    click.echo("\n" + summary_table(parts))
+    click.echo(f"\nwrote {write_report(out, environment(), parts, code)}; exit status {code}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from sdrun import __version__
-from sdrun.backends import BACKEND_CHOICES
+from sdrun.backends import BACKEND_CHOICES, TORCH_DTYPES
 from sdrun.errors import debug_option, run_cli
 
 
@@ -42,6 +42,8 @@ def generation_options(command):
         click.option("--threads", type=int, help="ONNX Runtime intra-op threads [default: one per core]"),
         click.option("--cuda-graph", is_flag=True,
                      help="TensorRT: capture one denoising step as a CUDA graph and replay it (static engines)"),
+        click.option("--device", help="torch backend: cpu, cuda or cuda:N [default: cpu]"),
+        click.option("--dtype", type=click.Choice(TORCH_DTYPES), help="torch backend: precision [default: fp32]"),
         click.option("--quiet", is_flag=True, help="no progress bar or timing table"),
     ]
     for option in reversed(options):

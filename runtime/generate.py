@@ -37,18 +37,20 @@ class GenerateJob:
     strength: float | None = None
     threads: int | None = None  # ONNX Runtime intra-op threads; None: ONNX Runtime's default
     cuda_graph: bool = False  # TensorRT: replay a captured denoising step
+    device: str | None = None  # torch backend only: "cpu", "cuda", "cuda:N"; None: the CPU
+    dtype: str | None = None  # torch backend only: "fp32" | "fp16" | "bf16"; None: fp32
     quiet: bool = False
 
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
     """Every check that needs no model runs before the backend is loaded; returns the PNGs written."""
     _check_output(job.out)
+    options = backend_options(job)
     img2img = job.image is not None
     bundle = open_for_run(job.bundle, img2img=img2img)
     request = complete_request(_request(job, bundle.recipe), bundle.recipe)
-    _check_cuda_graph(job.cuda_graph, job.backend)
     with stage(f"loading the {job.backend} backend"):
-        loaded = pipeline_on(bundle, job.backend, BackendOptions(threads=job.threads, cuda_graph=job.cuda_graph), echo)
+        loaded = pipeline_on(bundle, job.backend, options, echo)
     backend = loaded.backend
     _check_cuda_graph(job.cuda_graph, backend)
     with stage("generating"):
@@ -61,6 +63,17 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     if not job.quiet:
         echo(timing_table(result.timer, request.steps if not img2img else None, loaded.load_seconds))
     return paths
+
+
+def backend_options(job: GenerateJob) -> BackendOptions:
+    """The job's backend options; --device and --dtype place the eager torch models, so they need that backend."""
+    given = [f"--{name} {value}" for name, value in (("device", job.device), ("dtype", job.dtype)) if value]
+    if given and job.backend != "torch":
+        raise UserError(f"{' and '.join(given)} choose where and in what precision the torch backend runs, and the "
+                        f"backend is {job.backend}.", expected="--backend torch", got=f"--backend {job.backend}",
+                        fix=f"add --backend torch, or drop {' and '.join(g.split()[0] for g in given)}")
+    _check_cuda_graph(job.cuda_graph, job.backend)
+    return BackendOptions(threads=job.threads, device=job.device, dtype=job.dtype, cuda_graph=job.cuda_graph)
 
 
 def write_images(out: Path, result: GenerationResult, bundle: Bundle, backend: str, img2img: bool) -> list[Path]:

@@ -22,6 +22,7 @@ BACKENDS = {
 }
 AUTO = "auto"
 BACKEND_CHOICES = (AUTO, *BACKENDS)
+TORCH_DTYPES = ("fp32", "fp16", "bf16")  # what the torch backend computes in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,8 @@ class BackendOptions:
     threads: int | None = None  # ONNX Runtime intra-op threads
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, in order of preference
     cuda_graph: bool = False  # TensorRT: replay one captured denoising step (static-shape engines)
+    device: str | None = None  # torch: "cpu", "cuda" or "cuda:N"; None: the CPU
+    dtype: str | None = None  # torch: one of TORCH_DTYPES; None: fp32
 
 
 Factory = Callable[[Bundle, Sequence[str], BackendOptions], dict[str, GraphRunner]]

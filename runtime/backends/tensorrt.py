@@ -13,7 +13,8 @@ inputs to the device, executes, copies its outputs back and synchronizes. For th
 UNet's runner keeps the whole loop on the device (`tensorrt_loop`).
 
 Imports of `tensorrt` and CUDA Python (`cuda.bindings.runtime`, or the older `cuda.cudart`)
-happen only when a runner is made or availability is asked.
+happen only when a runner is made or availability is asked. The CUDA calls and allocations live in
+`sdrun.backends.cuda`; which driver is here and which extra fits, in `sdrun.backends.cuda_stack`.
 """
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from sdrun.backends import BackendOptions
+from sdrun.backends.cuda import Cuda, CudaError, DeviceAllocations, import_cudart
+from sdrun.backends.cuda_stack import (DriverInfo, install_hint, installed_cuda_packages, read_driver, stack_fix,
+                                       stack_problems)
 from sdrun.backends.tensorrt_runner import TensorRTRunner
 from sdrun.bundle import Bundle
 from sdrun.engine_files import (EngineVerdict, engine_verdict, file_verdict, rebuild_command, stale_engine_error,
@@ -37,9 +40,6 @@ from sdrun.errors import MissingDependencyError, UserError
 if TYPE_CHECKING:
     import tensorrt as trt
 
-INSTALL = ("pip install 'sdcompile[tensorrt]'   (TensorRT's wheels download their libraries from NVIDIA's "
-           "package index at install time; if that step fails, add --extra-index-url https://pypi.nvidia.com)")
-CUDA_INSTALL = "pip install 'sdcompile[tensorrt]'   (or: pip install cuda-bindings)"
 # The oldest release whose Python API has every TensorRT name sdcompile/trt.py and this file use: checked
 # against the stubs of 10.8 to 10.13, and 10.8 is the oldest release with published stubs (see
 # tests/trt/test_trt_api_names.py). Parsing the opset-23 graphs with the 10.8-10.13 ONNX parsers is
@@ -54,82 +54,16 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise MissingDependencyError("TensorRT", "to build and run TensorRT engines", INSTALL) from None
+        raise MissingDependencyError("TensorRT", "to build and run TensorRT engines",
+                                     install_hint(read_driver())) from None
     if not hasattr(trt, "Builder"):
         raise MissingDependencyError("TensorRT", "to build and run TensorRT engines (only its type stubs were found)",
-                                     INSTALL)
+                                     install_hint(read_driver()))
     if version_tuple(trt.__version__) < MIN_TENSORRT:
         raise UserError(f"TensorRT {trt.__version__} is too old for sdcompile's engines.",
                         expected=">= " + ".".join(map(str, MIN_TENSORRT)), got=trt.__version__,
-                        fix=f"upgrade it: {INSTALL}")
+                        fix=f"upgrade it: {install_hint(read_driver())}")
     return trt
-
-
-def import_cudart():
-    """CUDA runtime bindings: `cuda.bindings.runtime` (cuda-bindings >= 12.6) or `cuda.cudart` (older)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise MissingDependencyError("cuda-bindings", "for TensorRT's device buffers", CUDA_INSTALL) from None
-    return cudart
-
-
-class CudaError(RuntimeError):
-    """A CUDA runtime call failed (device fault, out of memory, no driver)."""
-
-
-class Cuda:
-    """The CUDA runtime calls the runners need; every call's status is checked."""
-
-    def __init__(self, cudart):
-        self.rt = cudart
-
-    def check(self, result):
-        """cuda-bindings calls return (status, *values): raise on a failed status, return the values."""
-        status, *values = result
-        if status != self.rt.cudaError_t.cudaSuccess:
-            raise CudaError(f"CUDA call failed: {getattr(status, 'name', status)}")
-        return values[0] if len(values) == 1 else tuple(values)
-
-    def device_count(self) -> int:
-        return self.check(self.rt.cudaGetDeviceCount())
-
-    def compute_capability(self) -> tuple[int, int]:
-        device = self.check(self.rt.cudaGetDevice())
-        attribute = self.rt.cudaDeviceAttr
-        return (self.check(self.rt.cudaDeviceGetAttribute(attribute.cudaDevAttrComputeCapabilityMajor, device)),
-                self.check(self.rt.cudaDeviceGetAttribute(attribute.cudaDevAttrComputeCapabilityMinor, device)))
-
-    def device_name(self) -> str:
-        properties = self.check(self.rt.cudaGetDeviceProperties(self.check(self.rt.cudaGetDevice())))
-        name = properties.name
-        return name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self.check(self.rt.cudaMalloc(max(nbytes, 1))))
-
-    def free(self, pointer: int) -> None:
-        self.check(self.rt.cudaFree(pointer))
-
-    def create_stream(self):
-        return self.check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking))
-
-    def destroy_stream(self, stream) -> None:
-        self.check(self.rt.cudaStreamDestroy(stream))
-
-    def to_device(self, pointer: int, array: np.ndarray, stream) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self.check(self.rt.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, kind, stream))
-
-    def to_host(self, array: np.ndarray, pointer: int, stream) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self.check(self.rt.cudaMemcpyAsync(array.ctypes.data, pointer, array.nbytes, kind, stream))
-
-    def synchronize(self, stream) -> None:
-        self.check(self.rt.cudaStreamSynchronize(stream))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,27 +74,50 @@ class TensorRTProbe:
     cuda: Cuda | None
     problem: UserError | None
     device_count: int = 0
+    driver: DriverInfo = DriverInfo(None)
+    installed: bool = False  # the real TensorRT is installed, whether or not it can run here
+
+    @property
+    def present(self) -> bool:
+        """TensorRT installed and a GPU the driver sees: from here on a problem is a failure, never a skip."""
+        return self.installed and self.driver.device_count > 0
 
 
 @functools.lru_cache(maxsize=1)
 def probe_tensorrt() -> TensorRTProbe:
-    """Import TensorRT and CUDA Python and count devices, once per process."""
+    """Ask the driver, import TensorRT and CUDA Python, check their CUDA majors and count devices, once."""
+    driver = read_driver()
     try:
-        trt, cuda = import_tensorrt(), Cuda(import_cudart())
+        trt = import_tensorrt()
+    except MissingDependencyError as err:
+        return TensorRTProbe(None, None, err, driver=driver)
     except UserError as err:
-        return TensorRTProbe(None, None, err)
+        return TensorRTProbe(None, None, err, driver=driver, installed=True)
+    too_new = stack_problems(driver.cuda_version, installed_cuda_packages())
+    if too_new:
+        problem = UserError(f"TensorRT cannot run here: {'; '.join(too_new)}.", fix=stack_fix(driver))
+        return TensorRTProbe(trt, None, problem, driver=driver, installed=True)
+    try:
+        cuda = Cuda(import_cudart())
+    except UserError as err:
+        return TensorRTProbe(trt, None, err, driver=driver, installed=True)
+    return probe_devices(trt, cuda, driver)
+
+
+def probe_devices(trt, cuda: Cuda, driver: DriverInfo) -> TensorRTProbe:
+    """The probe once TensorRT and CUDA Python imported: usable when CUDA Python counts a device."""
+    fix = "run on a machine with an NVIDIA GPU, check CUDA_VISIBLE_DEVICES and nvidia-smi, or use --backend onnxruntime"
     try:
         count = cuda.device_count()
     except CudaError as err:
-        return TensorRTProbe(trt, cuda, UserError(
-            f"TensorRT needs an NVIDIA GPU and driver, and CUDA reports none usable ({err}).",
-            fix="run on a machine with an NVIDIA GPU and a driver that supports your CUDA version, "
-                "or use --backend onnxruntime"))
+        problem = UserError(f"TensorRT needs an NVIDIA GPU and driver, and CUDA reports none usable ({err}; "
+                            f"found: {driver.description}).", fix=fix)
+        return TensorRTProbe(trt, cuda, problem, driver=driver, installed=True)
     if count == 0:
-        return TensorRTProbe(trt, cuda, UserError("TensorRT needs an NVIDIA GPU, and no CUDA device is visible.",
-                                                  fix="check CUDA_VISIBLE_DEVICES and the driver, or use "
-                                                      "--backend onnxruntime"))
-    return TensorRTProbe(trt, cuda, None, count)
+        problem = UserError(f"TensorRT needs an NVIDIA GPU, and no CUDA device is visible (found: "
+                            f"{driver.description}).", fix=fix)
+        return TensorRTProbe(trt, cuda, problem, driver=driver, installed=True)
+    return TensorRTProbe(trt, cuda, None, count, driver, installed=True)
 
 
 def tensorrt_available() -> tuple[bool, str]:
@@ -168,7 +125,7 @@ def tensorrt_available() -> tuple[bool, str]:
     probe = probe_tensorrt()
     if probe.problem:
         return False, f"{probe.problem.problem} {probe.problem.fix}"
-    return True, f"TensorRT {probe.trt.__version__}, {probe.device_count} CUDA device(s)"
+    return True, f"TensorRT {probe.trt.__version__}; {probe.driver.description}"
 
 
 def require_tensorrt() -> tuple:
@@ -277,34 +234,6 @@ def context_with_memory(trt, engine: trt.ICudaEngine, memory: DeviceMemoryApi, p
         raise CudaError(f"TensorRT could not create an execution context for {engine.name}")
     memory.attach(context, pointer, size)
     return context
-
-
-class DeviceAllocations:
-    """Every device buffer and the stream of one engine group, released together."""
-
-    def __init__(self, cuda: Cuda):
-        self.cuda, self.pointers, self.streams = cuda, [], []
-
-    def malloc(self, nbytes: int) -> int:
-        pointer = self.cuda.malloc(nbytes)
-        self.pointers.append(pointer)
-        return pointer
-
-    def stream(self):
-        stream = self.cuda.create_stream()
-        self.streams.append(stream)
-        return stream
-
-    def release(self) -> None:
-        # Also runs at interpreter exit, when the CUDA context may already be gone: nothing to free then.
-        with contextlib.suppress(CudaError):
-            for stream in self.streams:
-                self.cuda.synchronize(stream)
-            for pointer in self.pointers:
-                self.cuda.free(pointer)
-            for stream in self.streams:
-                self.cuda.destroy_stream(stream)
-        self.pointers, self.streams = [], []
 
 
 def engine_from_bundle(runtime: trt.Runtime, bundle: Path, verdict: EngineVerdict) -> trt.ICudaEngine:

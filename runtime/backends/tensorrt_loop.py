@@ -30,7 +30,7 @@ from sdrun.errors import UserError
 if TYPE_CHECKING:
     import tensorrt as trt
 
-    from sdrun.backends.tensorrt import Cuda
+    from sdrun.backends.cuda import Cuda
     from sdrun.backends.tensorrt_runner import TensorRTRunner
 
 SAMPLE, OUTPUT, CONTEXT = "sample", "latent", "encoder_hidden_states"

@@ -1,4 +1,5 @@
-"""Every TensorRT name our code uses exists in TensorRT's published Python API.
+"""Every TensorRT name our code uses exists in TensorRT's published Python API (and every CUDA name
+in the installed cuda-bindings: see the last section).
 
 TensorRT cannot run here, so its API is checked by name against the type stubs of one
 release (`tensorrt-stubs`, TensorRT 10.13, installed in the venv). The stubs do not import
@@ -481,3 +482,167 @@ def test_types_flow_through_calls_tuples_and_self(api):
     assert any("OnnxParser.parse_from_fle" in m for m in missing)
     assert any("IExecutionContext.execute_async_v4" in m for m in missing)
     assert len(missing) == 3, missing
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA names: checked against the installed cuda-bindings, which imports without a GPU
+#
+# The CUDA runtime module is `self.rt` in `Cuda` (`cuda.rt` / `self.cuda.rt` where a `Cuda` is held), or a
+# name bound to it (`cudart`) or to one of its
+# members (`attribute = self.rt.cudaDeviceAttr`); the driver library is a name bound to
+# `ctypes.CDLL(...)`. Every attribute read on them must exist in `cuda.bindings.runtime` / `.driver`,
+# and every runtime call must pass as many arguments as the binding takes.
+
+CUDA_CHECKED_FILES = ("runtime/backends/cuda.py", "runtime/backends/cuda_stack.py", "runtime/backends/tensorrt_loop.py")
+CUDA_INSTALL = ".venv/bin/pip install 'cuda-bindings>=13,<14'   (or >=12.8,<13 on a CUDA-12 driver)"
+CUDART_NAMES = {"cudart"}
+
+EXPECTED_CUDA_USES = {
+    "runtime.cudaError_t.cudaSuccess", "runtime.cudaGetDeviceCount", "runtime.cudaDriverGetVersion",
+    "runtime.cudaGetDevice", "runtime.cudaDeviceGetAttribute",
+    "runtime.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor",
+    "runtime.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor", "runtime.cudaGetDeviceProperties",
+    "runtime.cudaMemGetInfo", "runtime.cudaMalloc", "runtime.cudaFree", "runtime.cudaMallocHost",
+    "runtime.cudaFreeHost", "runtime.cudaStreamCreateWithFlags", "runtime.cudaStreamNonBlocking",
+    "runtime.cudaStreamGetFlags", "runtime.cudaStreamDestroy", "runtime.cudaMemcpyAsync",
+    "runtime.cudaMemcpyKind.cudaMemcpyHostToDevice", "runtime.cudaMemcpyKind.cudaMemcpyDeviceToHost",
+    "runtime.cudaStreamSynchronize", "driver.cuDriverGetVersion", "driver.cuInit", "driver.cuDeviceGetCount",
+    # the device-resident loop (tensorrt_loop.py): graph capture and replay, device-to-device row copies
+    "runtime.cudaMemcpyKind.cudaMemcpyDeviceToDevice", "runtime.cudaStreamBeginCapture",
+    "runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal", "runtime.cudaStreamEndCapture",
+    "runtime.cudaGraphInstantiate", "runtime.cudaGraphLaunch", "runtime.cudaGraphExecDestroy",
+    "runtime.cudaGraphDestroy",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaUse:
+    path: tuple[str, ...]  # ("runtime", "cudaMemcpyKind", "cudaMemcpyHostToDevice")
+    problem: str | None  # None: published, and called with as many arguments as it takes
+    where: str
+
+    @property
+    def qualified(self) -> str:
+        return ".".join(self.path)
+
+
+def cuda_modules() -> dict:
+    try:
+        from cuda.bindings import driver, runtime
+    except ImportError:
+        pytest.fail(f"the CUDA name check needs cuda-bindings; install it with: {CUDA_INSTALL}")
+    return {"runtime": runtime, "driver": driver}
+
+
+def cuda_path(node, env: dict) -> tuple[str, ...] | None:
+    """The CUDA module path an expression denotes, or None."""
+    if isinstance(node, ast.Name):
+        return ("runtime",) if node.id in CUDART_NAMES else env.get(node.id)
+    if isinstance(node, ast.Attribute):
+        if node.attr == "rt" and _holds_cuda(node.value):
+            return ("runtime",)
+        parent = cuda_path(node.value, env)
+        return (*parent, node.attr) if parent else None
+    return None
+
+
+def _holds_cuda(node) -> bool:
+    """`self` (inside `Cuda`), a name `cuda`, or an attribute `….cuda`: the holders of a `Cuda` wrapper."""
+    if isinstance(node, ast.Name):
+        return node.id in ("self", "cuda")
+    return isinstance(node, ast.Attribute) and node.attr == "cuda"
+
+
+def cuda_env(function: ast.FunctionDef) -> dict:
+    env = {}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            value, name = node.value, node.targets[0].id
+            if isinstance(value, ast.Call) and ast.unparse(value.func) == "ctypes.CDLL":
+                env[name] = ("driver",)
+            elif (path := cuda_path(value, env)) is not None:
+                env[name] = path
+    return env
+
+
+def resolve_cuda(path: tuple[str, ...], modules: dict):
+    found = modules[path[0]]
+    for name in path[1:]:
+        found = getattr(found, name, None)
+        if found is None:
+            return None
+    return found
+
+
+def arity_problem(target, call: ast.Call) -> str | None:
+    """A runtime binding called with another number of positional arguments than it takes."""
+    import inspect
+
+    if any(isinstance(a, ast.Starred) for a in call.args) or call.keywords:
+        return None
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return None
+    if len(parameters) != len(call.args):
+        return f"takes {len(parameters)} argument(s), called with {len(call.args)}"
+    return None
+
+
+def cuda_uses(source: str, filename: str, modules: dict) -> list[CudaUse]:
+    """Every CUDA name `source` reads, with what is wrong with it (None: nothing)."""
+    tree = ast.parse(source)
+    calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    uses = []
+    for function in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+        env = cuda_env(function)
+        for node in ast.walk(function):
+            if not isinstance(node, ast.Attribute) or cuda_path(node.value, env) is None:
+                continue
+            path = cuda_path(node, env)
+            target = resolve_cuda(path, modules)
+            problem = "not published" if target is None else None
+            if target is not None and id(node) in calls and path[0] == "runtime":
+                problem = arity_problem(target, calls[id(node)])
+            uses.append(CudaUse(path, problem, f"{filename}:{node.lineno}"))
+    return uses
+
+
+@pytest.fixture(scope="module")
+def our_cuda_uses() -> list[CudaUse]:
+    modules = cuda_modules()
+    return [use for relative in CUDA_CHECKED_FILES
+            for use in cuda_uses((ROOT / relative).read_text(), relative, modules)]
+
+
+def test_every_cuda_name_we_use_is_published_and_called_right(our_cuda_uses):
+    wrong = sorted({f"{u.qualified}: {u.problem} ({u.where})" for u in our_cuda_uses if u.problem})
+    assert not wrong, "CUDA names not in the installed cuda-bindings, or called wrongly:\n  " + "\n  ".join(wrong)
+
+
+def test_cuda_inference_reaches_every_essential_call(our_cuda_uses):
+    dark = sorted(EXPECTED_CUDA_USES - {u.qualified for u in our_cuda_uses})
+    assert not dark, "the CUDA check no longer sees these names:\n  " + "\n  ".join(dark)
+
+
+CUDA_MISTAKES = '''
+import ctypes
+
+class Cuda:
+    def run(self, pointer, stream):
+        self.rt.cudaMemcpyAsync(pointer, 0, 16, stream)
+        kind = self.rt.cudaMemcpyKind
+        return kind.cudaMemcpyHostToDevic, self.rt.cudaMallocHost(16, 0)
+
+def driver():
+    lib = ctypes.CDLL("libcuda.so.1")
+    return lib.cuDriverVersion(None), lib.cuInit(0)
+'''
+
+
+def test_cuda_mistakes_are_reported():
+    problems = {u.qualified: u.problem for u in cuda_uses(CUDA_MISTAKES, "snippet.py", cuda_modules())}
+    assert problems["runtime.cudaMemcpyAsync"] == "takes 5 argument(s), called with 4"
+    assert problems["runtime.cudaMemcpyKind.cudaMemcpyHostToDevic"] == "not published"
+    assert problems["runtime.cudaMallocHost"] == "takes 1 argument(s), called with 2"
+    assert problems["driver.cuDriverVersion"] == "not published" and problems["driver.cuInit"] is None

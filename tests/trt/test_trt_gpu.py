@@ -1,24 +1,33 @@
 """TensorRT on a GPU: build the tiny bundle's engines, run them, compare with ONNX Runtime CPU.
 
-Needs TensorRT, CUDA Python and an NVIDIA GPU; skipped with the reason elsewhere. The `gpu`
-marker keeps these out of the default tier.
+Needs TensorRT, CUDA Python and an NVIDIA GPU. Skipped, with the reason, only where TensorRT is not
+installed or there is no GPU; where both are here, a TensorRT that cannot run, and every CUDA
+error, fails. The `gpu` marker keeps these out of the default tier.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
 
+from sdrun import gates
 from sdrun.backends import BackendOptions, make_runners
 from sdrun.bundle import MANIFEST_NAME, open_bundle, read_manifest, sha256_file
 from sdrun.errors import UserError
 from sdrun.gates import tensorrt_gate
+from sdrun.metrics import compare
+from sdrun.pipeline import GenerationRequest, Pipeline
 
 pytestmark = pytest.mark.gpu
 
 CPU = BackendOptions(providers=("CPUExecutionProvider",))
+COMPONENTS = ("text_encoder", "unet", "unet_step", "vae_decoder", "vae_encoder")
+PLAIN = ("text_encoder", "unet", "vae_decoder")
+FUSED = ("text_encoder", "unet_step", "vae_decoder")
 
 
 def runners(backend: str, bundle, components: list[str], options: BackendOptions = BackendOptions()) -> dict:
@@ -27,12 +36,19 @@ def runners(backend: str, bundle, components: list[str], options: BackendOptions
 
 
 def require_tensorrt() -> None:
-    """Skip with the reason. (`pytest.importorskip("tensorrt")` is not enough: type stubs import too.)"""
-    from sdrun.backends.tensorrt import tensorrt_available
+    """Skip where TensorRT or a GPU is absent, saying which; fail where both are here but TensorRT cannot run.
 
-    available, reason = tensorrt_available()
-    if not available:
-        pytest.skip(reason)
+    (`pytest.importorskip("tensorrt")` is not enough: type stubs import too.)
+    """
+    from sdrun.backends.tensorrt import probe_tensorrt
+
+    probe = probe_tensorrt()
+    if probe.problem is None:
+        return
+    if not probe.present:
+        pytest.skip(f"{probe.problem.problem} {probe.problem.fix}")
+    pytest.fail(f"TensorRT is installed and the driver sees a GPU ({probe.driver.description}), but TensorRT "
+                f"cannot run:\n{probe.problem.message()}")
 
 
 def identity():
@@ -96,24 +112,41 @@ def test_every_engine_is_recorded_with_its_origin(bundle):
         assert set(engine["profile"]) == {s.name for s in record.inputs}
 
 
-def test_tensorrt_matches_onnxruntime_per_component(bundle):
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_tensorrt_matches_onnxruntime_per_component(bundle, name):
     from sdrun.engine_files import EngineRecord, engine_key
-    from sdrun.gates import output_statistics
 
     manifest = read_manifest(bundle)
-    names = list(manifest.components)
-    engines, references = runners("tensorrt", bundle, names), runners("onnxruntime", bundle, names, CPU)
-    vocab = manifest.recipe.text_encoder.vocab_size
-    for name, record in manifest.components.items():
-        feeds = feeds_at(record, "opt", engines[name].profile, vocab)
-        reference = references[name].run(feeds)
-        result = engines[name].run(feeds)
-        for output, expected in reference.items():
-            assert result[output].shape == expected.shape and result[output].dtype == expected.dtype
-            tf32 = EngineRecord.from_dict(record.engines[engine_key(*identity())]).tf32
-            verdict = tensorrt_gate(output, record.precision, tf32).judge(
-                f"{name}.{output}", output_statistics(output, expected, result[output]))
-            assert verdict.passed, verdict.describe()
+    record = manifest.components[name]
+    engine, reference_runner = runners("tensorrt", bundle, [name])[name], runners("onnxruntime", bundle, [name], CPU)[name]
+    feeds = feeds_at(record, "opt", engine.profile, manifest.recipe.text_encoder.vocab_size)
+    if name == "text_encoder":  # token ids go in as int32, the engine takes them as int32
+        assert feeds["input_ids"].dtype == np.int32 and engine.dtypes["input_ids"] == np.int32
+    reference = {k: v.copy() for k, v in reference_runner.run(feeds).items()}
+    result = engine.run(feeds)
+    assert set(result) == set(reference)
+    tf32 = EngineRecord.from_dict(record.engines[engine_key(*identity())]).tf32
+    for output, expected in reference.items():
+        assert result[output].shape == expected.shape and result[output].dtype == expected.dtype
+        verdict = tensorrt_gate(output, record.precision, tf32).judge(
+            f"{name}.{output}", gates.output_statistics(output, expected, result[output]))
+        assert verdict.passed, verdict.describe()
+
+
+@pytest.mark.parametrize("components", [PLAIN, FUSED], ids=["plain", "step-fused"])
+def test_txt2img_on_tensorrt_matches_onnxruntime(bundle, components):
+    """The whole pipeline on identical inputs (same prompt, seed, so the same initial noise)."""
+    request = GenerationRequest("a lighthouse on a cliff at dawn", "blurry", steps=4, seed=3)
+    opened = open_bundle(bundle, lambda manifest: list(components))
+    results = [Pipeline(opened, make_runners(backend, opened, list(components), options)).generate(request)
+               for backend, options in (("onnxruntime", CPU), ("tensorrt", BackendOptions()))]
+    precision = opened.component("unet").precision
+    latents = gates.tensorrt_gate("latent", precision, tf32=False).judge("txt2img latents", gates.output_statistics(
+        "latent", results[0].latents, results[1].latents))
+    assert latents.passed, latents.describe()
+    stats = compare(results[0].images / 255.0, results[1].images / 255.0, data_range=gates.UNIT_RANGE).to_dict()
+    image = gates.pipeline_image_gate("fp16").judge("txt2img image", stats)
+    assert image.passed, image.describe()
 
 
 def test_dynamic_engine_takes_min_and_max_and_refuses_beyond(bundle):
@@ -165,10 +198,38 @@ def test_static_engine_serves_only_its_shape(bundle, tmp_path):
         runner.run({"latent": np.zeros((1, 4, 8, 8), np.float32)})
 
 
+def test_device_buffers_are_reused_across_steps(bundle):
+    """Every step of a run binds the same device addresses, and a second run allocates nothing new."""
+    opened = open_bundle(bundle, lambda manifest: list(FUSED))
+    engines = make_runners("tensorrt", opened, list(FUSED))
+    step = engines["unet_step"]
+    record = opened.component("unet_step")
+    feeds = feeds_at(record, "opt", step.profile, 0)
+    seen = []
+    for _ in range(3):
+        step.run(feeds)
+        seen.append(step.device_pointers())
+    assert seen[0] and all(pointers == seen[0] for pointers in seen), seen
+    assert set(seen[0]) >= {s.name for s in record.inputs} | {s.name for s in record.outputs}
+    pipeline = Pipeline(opened, engines)
+    request = GenerationRequest("a lighthouse on a cliff at dawn", steps=4, seed=1)
+    pipeline.generate(request)
+    first = {name: runner.device_pointers() for name, runner in engines.items()}
+    pipeline.generate(dataclasses.replace(request, seed=2))
+    assert {name: runner.device_pointers() for name, runner in engines.items()} == first
+
+
 def test_timing_cache_is_written_and_reused(bundle, tmp_path):
+    """A build that reads a filled cache is faster than one that starts from an empty cache in the same,
+    warm, process: the tactic timings were reused rather than measured again."""
     copy = copy_of(bundle, tmp_path)
-    cache = tmp_path / "timing.cache"
-    build(copy, ("text_encoder",), timing_cache=cache)
-    first = cache.stat().st_size
-    build(copy, ("text_encoder",), timing_cache=cache, optimization_level=1)
-    assert first > 0 and cache.stat().st_size >= first
+    filled, empty = tmp_path / "filled.cache", tmp_path / "empty.cache"
+    build(copy, ("unet",), timing_cache=filled)  # fills the cache (and warms the process up)
+    size = filled.stat().st_size
+    seconds = {}
+    for name, cache in (("fresh", empty), ("cached", filled)):
+        started = time.perf_counter()
+        build(copy, ("unet",), timing_cache=cache)
+        seconds[name] = time.perf_counter() - started
+    assert size > 0 and empty.stat().st_size > 0 and filled.stat().st_size >= size
+    assert seconds["cached"] < seconds["fresh"], f"no reuse: {seconds}"
