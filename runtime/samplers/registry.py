@@ -6,7 +6,7 @@ from typing import Callable
 
 from sdrun.errors import UserError
 from sdrun.recipe import DDPMSchedule, Parameterization
-from sdrun.samplers import ddim, euler
+from sdrun.samplers import ddim, dpm_solver, euler
 from sdrun.samplers.discretize import Spacing, parse_spacing
 from sdrun.samplers.plan import Plan, Program, build_plan
 
@@ -42,6 +42,10 @@ _FAMILIES = (
             euler.euler_ancestral, Spacing.LINSPACE, stochastic=True),
     Sampler("heun", "Heun", "Heun's 2nd-order method, two model evaluations per step",
             euler.heun, Spacing.LINSPACE, has_sigmas=True),
+    Sampler("dpmpp_2m", "DPM++ 2M", "DPM-Solver++ multistep, 2nd order (Lu et al. 2022)",
+            dpm_solver.dpmpp_2m, Spacing.LINSPACE, has_sigmas=True),
+    Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", "DPM-Solver++ 2M on the SDE: fresh noise each step",
+            dpm_solver.dpmpp_2m_sde, Spacing.LINSPACE, has_sigmas=True, stochastic=True),
 )
 SAMPLERS: dict[str, Sampler] = {s.id: s for family in _FAMILIES for s in _entries(family)}
 

@@ -27,6 +27,11 @@ REFERENCES = {
     "euler": Reference("EulerDiscreteScheduler"),
     "euler_a": Reference("EulerAncestralDiscreteScheduler", noise="randn"),
     "heun": Reference("HeunDiscreteScheduler"),
+    "dpmpp_2m": Reference("DPMSolverMultistepScheduler",
+                          dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_2m_sde": Reference("DPMSolverMultistepScheduler",
+                              dict(algorithm_type="sde-dpmsolver++", solver_order=2),
+                              noise="variance_noise"),
 }
 # Step counts where our default discretization is not diffusers' (ldm's for DDIM/PLMS: T % S != 0).
 LDM_DISCRETIZATION = {"ddim": {7}, "plms": {7}}
