@@ -6,7 +6,7 @@ from typing import Callable
 
 from sdrun.errors import UserError
 from sdrun.recipe import DDPMSchedule, Parameterization
-from sdrun.samplers import ddim, dpm_solver, euler
+from sdrun.samplers import ddim, dpm_solver, euler, unipc
 from sdrun.samplers.discretize import Spacing, parse_spacing
 from sdrun.samplers.plan import Plan, Program, build_plan
 
@@ -46,6 +46,8 @@ _FAMILIES = (
             dpm_solver.dpmpp_2m, Spacing.LINSPACE, has_sigmas=True),
     Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", "DPM-Solver++ 2M on the SDE: fresh noise each step",
             dpm_solver.dpmpp_2m_sde, Spacing.LINSPACE, has_sigmas=True, stochastic=True),
+    Sampler("unipc", "UniPC", "UniPC predictor-corrector, bh2, 2nd order (Zhao et al. 2023)",
+            unipc.unipc, Spacing.LINSPACE, has_sigmas=True),
 )
 SAMPLERS: dict[str, Sampler] = {s.id: s for family in _FAMILIES for s in _entries(family)}
 

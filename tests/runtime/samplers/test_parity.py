@@ -32,6 +32,7 @@ REFERENCES = {
     "dpmpp_2m_sde": Reference("DPMSolverMultistepScheduler",
                               dict(algorithm_type="sde-dpmsolver++", solver_order=2),
                               noise="variance_noise"),
+    "unipc": Reference("UniPCMultistepScheduler", dict(solver_type="bh2", solver_order=2)),
 }
 # Step counts where our default discretization is not diffusers' (ldm's for DDIM/PLMS: T % S != 0).
 LDM_DISCRETIZATION = {"ddim": {7}, "plms": {7}}
