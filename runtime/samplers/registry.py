@@ -6,7 +6,7 @@ from typing import Callable
 
 from sdrun.errors import UserError
 from sdrun.recipe import DDPMSchedule, Parameterization
-from sdrun.samplers import ddim, dpm_solver, euler, unipc
+from sdrun.samplers import ddim, dpm_solver, euler, lcm, plms, unipc
 from sdrun.samplers.discretize import Spacing, parse_spacing
 from sdrun.samplers.plan import Plan, Program, build_plan
 
@@ -48,6 +48,10 @@ _FAMILIES = (
             dpm_solver.dpmpp_2m_sde, Spacing.LINSPACE, has_sigmas=True, stochastic=True),
     Sampler("unipc", "UniPC", "UniPC predictor-corrector, bh2, 2nd order (Zhao et al. 2023)",
             unipc.unipc, Spacing.LINSPACE, has_sigmas=True),
+    Sampler("plms", "PLMS", "Pseudo linear multistep (Liu et al. 2022) as ldm runs it",
+            plms.plms, None, min_steps=2),
+    Sampler("lcm", "LCM", "Latent consistency sampling for LCM models and LoRAs (2-8 steps)",
+            lcm.lcm, Spacing.LEADING, stochastic=True),
 )
 SAMPLERS: dict[str, Sampler] = {s.id: s for family in _FAMILIES for s in _entries(family)}
 
@@ -127,6 +131,6 @@ def make_program(name: str | Sampler, schedule: DDPMSchedule, parameterization: 
     _check_steps(sampler, steps, schedule.timesteps)
     options = dict(karras=_check_karras(sampler, karras), eta=_check_eta(sampler, eta),
                    spacing=parse_spacing(spacing) or sampler.default_spacing)
-    if sampler.id.startswith("lcm"):
+    if sampler.id == "lcm":
         options["guidance"] = guidance
     return sampler.build(schedule, parameterization, steps, **options)

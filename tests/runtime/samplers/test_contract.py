@@ -111,3 +111,16 @@ def test_import_is_numpy_only():
             "bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_too_few_steps_for_the_order_refused():
+    with pytest.raises(UserError, match="PLMS needs 2 steps"):
+        make_plan("PLMS", SD_SCHEDULE, Parameterization.EPS, 1)
+
+
+def test_lcm_step_limit_and_guidance_warning():
+    with pytest.raises(UserError, match="Too many steps for LCM"):
+        make_plan("LCM", SD_SCHEDULE, Parameterization.EPS, 51)
+    assert make_plan("LCM", SD_SCHEDULE, Parameterization.EPS, 4, guidance=1.0).warnings == ()
+    (warning,) = make_plan("LCM", SD_SCHEDULE, Parameterization.EPS, 4, guidance=7.5).warnings
+    assert "guidance scale 7.5 > 1" in warning
