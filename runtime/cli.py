@@ -36,6 +36,11 @@ def generation_options(command):
         click.option("--width", type=int, help="pixels [default: the recipe's]"),
         click.option("--batch", type=int, default=1, show_default=True),
         click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic)"),
+        click.option("--sampler", help="sampler name or id, e.g. \"DPM++ 2M Karras\" or dpmpp_2m_karras "
+                                        "(`sdrun samplers` lists them) [default: DDIM]"),
+        click.option("--karras/--no-karras", default=None, help="Karras sigmas, for samplers that have sigmas"),
+        click.option("--timestep-spacing", "spacing", type=click.Choice(["leading", "linspace", "trailing"]),
+                     help="timestep spacing [default: the sampler's, as diffusers' from_config gives it]"),
         click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True),
         click.option("--init-noise", type=click.Path(path_type=Path), help=".npy (batch, 4, h/8, w/8) float32 noise"),
         click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True),
@@ -49,6 +54,15 @@ def generation_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+@cli.command("samplers")
+def samplers_command() -> None:
+    """List the samplers, by the names the web UIs use and their short ids."""
+    from sdrun.samplers import SAMPLERS
+
+    for sampler in SAMPLERS.values():
+        click.echo(f"{sampler.label:22s} {sampler.id:22s} {sampler.description}")
 
 
 @cli.command("txt2img")

@@ -15,6 +15,8 @@ from sdrun.errors import UserError, stage
 from sdrun.images import output_paths, parameters_text, read_image, write_png
 from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
 from sdrun.recipe import Recipe
+from sdrun.samplers import resolve_sampler
+from sdrun.sampling import LDM_DDIM, is_planned
 from sdrun.session import open_for_run, pipeline_on
 
 
@@ -37,6 +39,9 @@ class GenerateJob:
     strength: float | None = None
     threads: int | None = None  # ONNX Runtime intra-op threads; None: ONNX Runtime's default
     cuda_graph: bool = False  # TensorRT: replay a captured denoising step
+    sampler: str | None = None  # None: DDIM
+    karras: bool | None = None
+    spacing: str | None = None
     device: str | None = None  # torch backend only: "cpu", "cuda", "cuda:N"; None: the CPU
     dtype: str | None = None  # torch backend only: "fp32" | "fp16" | "bf16"; None: fp32
     quiet: bool = False
@@ -47,7 +52,8 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     _check_output(job.out)
     options = backend_options(job)
     img2img = job.image is not None
-    bundle = open_for_run(job.bundle, img2img=img2img)
+    planned = is_planned(job.sampler, job.karras, job.spacing)  # refuses an unknown sampler name
+    bundle = open_for_run(job.bundle, step_fusion=False if planned else None, img2img=img2img)
     request = complete_request(_request(job, bundle.recipe), bundle.recipe)
     with stage(f"loading the {job.backend} backend"):
         loaded = pipeline_on(bundle, job.backend, options, echo)
@@ -55,6 +61,8 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     _check_cuda_graph(job.cuda_graph, backend)
     with stage("generating"):
         result = loaded.pipeline.generate(request, on_step=progress)
+    for warning in result.warnings:
+        echo(f"warning: {warning}")
     for dropped in set(result.dropped_tokens) - {0}:
         echo(f"warning: the prompt is longer than {bundle.manifest.tokenizer['context_length']} tokens; "
              f"{dropped} tokens were dropped")
@@ -81,7 +89,8 @@ def write_images(out: Path, result: GenerationResult, bundle: Bundle, backend: s
     final = result.request
     text = parameters_text(final.prompt, final.negative_prompt, final.steps, final.guidance, final.seed,
                            final.width, final.height, bundle.manifest.weights_sha256, bundle.recipe.name,
-                           {"Backend": backend, **({"Denoising strength": final.strength} if img2img else {})})
+                           {"Backend": backend, **({"Denoising strength": final.strength} if img2img else {})},
+                           sampler=sampler_label(final.sampler, final.karras))
     paths = output_paths(out, len(result.images))
     for path, image in zip(paths, result.images):
         write_png(path, image, text)
@@ -116,7 +125,8 @@ def _request(job: GenerateJob, recipe: Recipe) -> GenerationRequest:
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
         seed=job.seed, height=height, width=width, batch=job.batch, eta=job.eta,
         init_noise=_load_noise(job.init_noise) if job.init_noise else None, image=image,
-        strength=job.strength if job.strength is not None else 0.75)
+        strength=job.strength if job.strength is not None else 0.75, sampler=job.sampler, karras=job.karras,
+        spacing=job.spacing)
 
 
 def _load_noise(path: Path) -> np.ndarray:
@@ -130,6 +140,12 @@ def _load_noise(path: Path) -> np.ndarray:
     if not np.issubdtype(noise.dtype, np.floating):
         raise UserError(f"--init-noise {path} must hold floats.", got=str(noise.dtype), fix="save float32 noise")
     return noise.astype(np.float32)
+
+
+def sampler_label(sampler: str | None, karras: bool | None) -> str:
+    """The sampler as the web UIs name it in PNG parameters ("DPM++ 2M Karras")."""
+    chosen = resolve_sampler(sampler or LDM_DDIM)
+    return chosen.label + (" Karras" if karras and not chosen.karras else "")
 
 
 def _check_cuda_graph(cuda_graph: bool, backend: str) -> None:

@@ -10,9 +10,10 @@ from sdrun.errors import UserError
 
 
 def parameters_text(prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int,
-                    width: int, height: int, model_hash: str, model_name: str, extra: dict | None = None) -> str:
+                    width: int, height: int, model_hash: str, model_name: str, extra: dict | None = None,
+                    sampler: str = "DDIM") -> str:
     """The `parameters` text chunk in the convention of the popular SD web UIs."""
-    fields = {"Steps": steps, "Sampler": "DDIM", "CFG scale": guidance, "Seed": seed, "Size": f"{width}x{height}",
+    fields = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance, "Seed": seed, "Size": f"{width}x{height}",
               "Model hash": model_hash[:10], "Model": model_name, **(extra or {})}
     lines = [prompt]
     if negative_prompt:

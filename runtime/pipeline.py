@@ -18,6 +18,7 @@ from sdrun.backends.base import DenoisePlan, GraphRunner, StageTimer
 from sdrun.bundle import Bundle, Manifest
 from sdrun.errors import UserError
 from sdrun.recipe import Recipe, ShapeRange
+from sdrun.sampling import is_planned, sample_plan, sampler_plan
 from sdrun.tokenizer import TokenizedBatch
 
 
@@ -35,6 +36,9 @@ class GenerationRequest:
     init_noise: np.ndarray | None = None  # (batch, 4, h, w) float32 instead of the seeded draw
     image: np.ndarray | None = None  # img2img input (batch or 1, 3, H, W) float32 in [-1, 1]
     strength: float = 0.75  # img2img: fraction of the schedule re-run
+    sampler: str | None = None  # a name or id from `sdrun samplers`; None: DDIM (ldm discretization)
+    karras: bool | None = None  # Karras sigmas (samplers that have sigmas); None: the sampler's default
+    spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the sampler's default
     validated: bool = dataclasses.field(default=False, compare=False)  # set by `complete_request` alone
 
 
@@ -47,6 +51,7 @@ class GenerationResult:
     timer: StageTimer
     dropped_tokens: tuple[int, ...]  # per prompt, tokens cut off at 77
     step_fused: bool
+    warnings: tuple[str, ...] = ()  # what the sampler warns of (e.g. LCM with guidance > 1)
 
 
 class Pipeline:
@@ -85,6 +90,8 @@ class Pipeline:
         started = time.perf_counter()
         rng = np.random.default_rng(request.seed)
         context, dropped = self._encode_prompts(request)
+        if is_planned(request.sampler, request.karras, request.spacing):
+            return self._generate_planned(request, context, dropped, rng, on_step, started)
         table = ddim_table_of(self.recipe, request.steps, request.eta)
         if request.image is None:
             latents = self._initial_noise(request, rng)
@@ -97,6 +104,18 @@ class Pipeline:
         decoded = self._decode(latents)
         self.timer.add("total", time.perf_counter() - started)
         return GenerationResult(to_uint8(decoded), latents, decoded, request, self.timer, dropped, self.step_fused)
+
+    def _generate_planned(self, request, context, dropped, rng, on_step, started) -> GenerationResult:
+        plan = sampler_plan(self.recipe, request.sampler, request.steps, request.karras, request.spacing,
+                            request.eta, request.guidance)
+        start = time.perf_counter()
+        latents = sample_plan(plan, self.runners, self._initial_noise(request, rng), context, request.guidance,
+                              rng, on_step)
+        self.timer.add("denoise", time.perf_counter() - start)
+        decoded = self._decode(latents)
+        self.timer.add("total", time.perf_counter() - started)
+        return GenerationResult(to_uint8(decoded), latents, decoded, request, self.timer, dropped, False,
+                                plan.warnings)
 
     def _denoise(self, latents: np.ndarray, context: np.ndarray, plan: DenoisePlan, on_step) -> np.ndarray:
         if self.resident_loop is None:
@@ -206,7 +225,9 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
     if not batch.min <= request.batch <= batch.max:
         raise UserError("batch is outside the bundle's profile.", expected=f"{batch.min}..{batch.max}",
                         got=str(request.batch), fix="lower --batch or widen shapes.batch in the recipe")
-    if img2img:
+    if is_planned(request.sampler, request.karras, request.spacing):
+        _check_planned(request, recipe, img2img)
+    elif img2img:
         schedulers.img2img_start(request.steps, request.strength)
     if request.guidance < 1.0:
         raise UserError("guidance must be >= 1.", got=str(request.guidance), fix="use 1 (off) or e.g. 7.5")
@@ -216,6 +237,15 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
             raise UserError("--init-noise has the wrong shape.", expected=str(expected),
                             got=str(tuple(request.init_noise.shape)),
                             fix="save (batch, 4, height/8, width/8) float32 noise with numpy.save")
+
+
+def _check_planned(request: GenerationRequest, recipe: Recipe, img2img: bool) -> None:
+    """Every sampler option is checked by building its plan (milliseconds) before any heavy work."""
+    if img2img:
+        raise UserError(f"img2img runs with DDIM for now, and the request asks for {request.sampler}.",
+                        fix="drop --sampler (and --karras / --timestep-spacing) for img2img")
+    sampler_plan(recipe, request.sampler, request.steps, request.karras, request.spacing, request.eta,
+                 request.guidance)
 
 
 def _check_size(axis: str, value: int, allowed: ShapeRange, multiple: int) -> None:

@@ -24,6 +24,30 @@ class Reference:
     step_kwargs: dict = dataclasses.field(default_factory=dict)
 
 
+REFERENCES = {
+    "ddim": Reference("DDIMScheduler", noise="variance_noise"),
+    "euler": Reference("EulerDiscreteScheduler"),
+    "euler_a": Reference("EulerAncestralDiscreteScheduler", noise="randn"),
+    "heun": Reference("HeunDiscreteScheduler"),
+    "dpmpp_2m": Reference("DPMSolverMultistepScheduler",
+                          dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_2m_sde": Reference("DPMSolverMultistepScheduler",
+                              dict(algorithm_type="sde-dpmsolver++", solver_order=2),
+                              noise="variance_noise"),
+    "unipc": Reference("UniPCMultistepScheduler", dict(solver_type="bh2", solver_order=2)),
+    "lcm": Reference("LCMScheduler", noise="randn"),
+    "plms": Reference("PNDMScheduler", dict(skip_prk_steps=True)),
+}
+
+def reference_for(sampler_id: str) -> Reference:
+    family = sampler_id.removesuffix("_karras")
+    reference = REFERENCES[family]
+    if sampler_id.endswith("_karras"):
+        return Reference(reference.cls, dict(reference.config, use_karras_sigmas=True),
+                         reference.noise, reference.step_kwargs)
+    return reference
+
+
 def stand_in_model(x: np.ndarray, t: float) -> np.ndarray:
     """A deterministic, nonlinear function of (x, t) in place of the UNet."""
     return 0.8 * np.tanh(x) + 0.15 * np.cos(t / 170.0) * x + 0.05 * np.sin(t / 60.0)

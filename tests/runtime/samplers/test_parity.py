@@ -8,7 +8,7 @@ from sdrun.recipe import DDPMSchedule, Parameterization
 from sdrun.samplers import SAMPLERS, make_plan, run_plan
 from sdrun.schedulers import alphas_cumprod
 
-from tests.runtime.samplers.diffusers_reference import Reference, run_diffusers, stand_in_model
+from tests.runtime.samplers.diffusers_reference import REFERENCES, reference_for, run_diffusers, stand_in_model
 
 SD_SCHEDULE = DDPMSchedule(linear_start=0.00085, linear_end=0.012, timesteps=1000)
 # Relative L2 of every step's latents against diffusers run in float64 on our (float64) ᾱ; its
@@ -22,20 +22,6 @@ TIMESTEP_ATOL = 1e-2
 STEP_COUNTS = (1, 2, 7, 20, 50)
 SHAPE = (1, 4, 8, 8)
 
-REFERENCES = {
-    "ddim": Reference("DDIMScheduler", noise="variance_noise"),
-    "euler": Reference("EulerDiscreteScheduler"),
-    "euler_a": Reference("EulerAncestralDiscreteScheduler", noise="randn"),
-    "heun": Reference("HeunDiscreteScheduler"),
-    "dpmpp_2m": Reference("DPMSolverMultistepScheduler",
-                          dict(algorithm_type="dpmsolver++", solver_order=2)),
-    "dpmpp_2m_sde": Reference("DPMSolverMultistepScheduler",
-                              dict(algorithm_type="sde-dpmsolver++", solver_order=2),
-                              noise="variance_noise"),
-    "unipc": Reference("UniPCMultistepScheduler", dict(solver_type="bh2", solver_order=2)),
-    "lcm": Reference("LCMScheduler", noise="randn"),
-    "plms": Reference("PNDMScheduler", dict(skip_prk_steps=True)),
-}
 # Step counts where our default discretization is not diffusers' (ldm's for DDIM/PLMS: T % S != 0).
 LDM_DISCRETIZATION = {"ddim": {7}, "plms": {7}}
 # Where diffusers' scheduler is not our algorithm, with the reason; ldm's recurrence covers these.
@@ -44,15 +30,6 @@ NOT_DIFFUSERS = {
                    "converts each at its own latent (see test_plms_golden)",
 }
 TOO_FEW = {"plms": 1}  # PLMS's first step needs a next timestep; diffusers' degenerates to DDIM
-
-
-def reference_for(sampler_id: str) -> Reference:
-    family = sampler_id.removesuffix("_karras")
-    reference = REFERENCES[family]
-    if sampler_id.endswith("_karras"):
-        return Reference(reference.cls, dict(reference.config, use_karras_sigmas=True),
-                         reference.noise, reference.step_kwargs)
-    return reference
 
 
 def noises_for(n: int, seed: int = 0):
