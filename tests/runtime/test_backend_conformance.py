@@ -7,7 +7,6 @@ the `gpu` marker, where its engines are built first, and is skipped with the rea
 from __future__ import annotations
 
 import dataclasses
-import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from sdrun import gates
 from sdrun.backends import BackendOptions, make_runners
 from sdrun.bundle import Bundle, binding_from_feeds, open_bundle, resolve_shape
 from sdrun.pipeline import GenerationRequest, Pipeline
+from tests.trt.engine_bundles import engine_bundle
 
 BACKENDS = [pytest.param("onnxruntime"), pytest.param("torch"), pytest.param("tensorrt", marks=pytest.mark.gpu)]
 LEVELS = ("opt", "min", "max")
@@ -30,21 +30,6 @@ class Loaded:
     name: str
     bundle: Bundle
     runners: dict
-
-
-def engine_bundle(tiny_bundle, folder):
-    """A copy of the tiny bundle with TensorRT engines, or a skip saying what is missing."""
-    from sdrun.backends.tensorrt import tensorrt_available
-
-    available, reason = tensorrt_available()
-    if not available:
-        pytest.skip(reason)
-    from sdcompile.trt import BuildOptions, BuildRequest, build_engines
-
-    copy = folder / "bundle"
-    shutil.copytree(tiny_bundle, copy)
-    build_engines(BuildRequest(copy, ("all",), BuildOptions()), log=lambda line: None)
-    return copy
 
 
 def load(name: str, path) -> Loaded:

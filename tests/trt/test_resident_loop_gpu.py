@@ -4,8 +4,6 @@ Needs TensorRT, CUDA Python and an NVIDIA GPU (the `gpu` marker); skipped with t
 """
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
@@ -13,6 +11,7 @@ from sdrun.backends import BackendOptions, make_runners
 from sdrun.bundle import open_bundle
 from sdrun.metrics import compare
 from sdrun.pipeline import GenerationRequest, Pipeline
+from tests.trt.engine_bundles import engine_bundle
 
 pytestmark = pytest.mark.gpu
 
@@ -30,26 +29,13 @@ class HostLoop:
         return self.runner.run(feeds)
 
 
-def static_engine_bundle(tiny_bundle, folder):
-    from sdrun.backends.tensorrt import tensorrt_available
-
-    available, reason = tensorrt_available()
-    if not available:
-        pytest.skip(reason)
-    from sdcompile.trt import BuildOptions, BuildRequest, build_engines
-    from sdcompile.trt_profiles import ShapeMode, ShapeRequest
-
-    copy = folder / "bundle"
-    shutil.copytree(tiny_bundle, copy)
-    build_engines(BuildRequest(copy, tuple(COMPONENTS), BuildOptions(shapes=ShapeRequest(ShapeMode.STATIC))),
-                  log=lambda line: None)
-    return copy
-
-
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle, tmp_path_factory):
-    return open_bundle(static_engine_bundle(tiny_bundle, tmp_path_factory.mktemp("resident")),
-                       lambda manifest: COMPONENTS)
+    from sdcompile.trt_profiles import ShapeMode, ShapeRequest
+
+    path = engine_bundle(tiny_bundle, tmp_path_factory.mktemp("resident"), tuple(COMPONENTS),
+                         ShapeRequest(ShapeMode.STATIC))
+    return open_bundle(path, lambda manifest: COMPONENTS)
 
 
 def latents(bundle, options: BackendOptions, host_loop: bool = False) -> np.ndarray:
