@@ -16,7 +16,7 @@ from sdrun.images import output_paths, parameters_text, read_image, write_png
 from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
 from sdrun.recipe import Recipe
 from sdrun.samplers import resolve_sampler
-from sdrun.sampling import LDM_DDIM, is_planned
+from sdrun.sampling import LDM_DDIM
 from sdrun.session import open_for_run, pipeline_on
 
 
@@ -39,7 +39,7 @@ class GenerateJob:
     strength: float | None = None
     threads: int | None = None  # ONNX Runtime intra-op threads; None: ONNX Runtime's default
     cuda_graph: bool = False  # TensorRT: replay a captured denoising step
-    sampler: str | None = None  # None: DDIM
+    sampler: str | None = None  # None: the recipe's default
     karras: bool | None = None
     spacing: str | None = None
     device: str | None = None  # torch backend only: "cpu", "cuda", "cuda:N"; None: the CPU
@@ -52,8 +52,7 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     _check_output(job.out)
     options = backend_options(job)
     img2img = job.image is not None
-    planned = is_planned(job.sampler, job.karras, job.spacing)  # refuses an unknown sampler name
-    bundle = open_for_run(job.bundle, step_fusion=False if planned else None, img2img=img2img)
+    bundle = open_for_run(job.bundle, img2img=img2img, sampler=job.sampler, karras=job.karras, spacing=job.spacing)
     request = complete_request(_request(job, bundle.recipe), bundle.recipe)
     with stage(f"loading the {job.backend} backend"):
         loaded = pipeline_on(bundle, job.backend, options, echo)

@@ -36,7 +36,7 @@ class GenerationRequest:
     init_noise: np.ndarray | None = None  # (batch, 4, h, w) float32 instead of the seeded draw
     image: np.ndarray | None = None  # img2img input (batch or 1, 3, H, W) float32 in [-1, 1]
     strength: float = 0.75  # img2img: fraction of the schedule re-run
-    sampler: str | None = None  # a name or id from `sdrun samplers`; None: DDIM (ldm discretization)
+    sampler: str | None = None  # a name or id from `sdrun samplers`; None: the recipe's default (DDIM)
     karras: bool | None = None  # Karras sigmas (samplers that have sigmas); None: the sampler's default
     spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the sampler's default
     validated: bool = dataclasses.field(default=False, compare=False)  # set by `complete_request` alone
@@ -211,7 +211,8 @@ def complete_request(request: GenerationRequest, recipe: Recipe) -> GenerationRe
         steps=recipe.default_steps if request.steps is None else request.steps,
         guidance=recipe.default_guidance if request.guidance is None else request.guidance,
         height=recipe.default_height if request.height is None else request.height,
-        width=recipe.default_width if request.width is None else request.width)
+        width=recipe.default_width if request.width is None else request.width,
+        sampler=recipe.default_sampler if request.sampler is None else request.sampler)
     validate_request(filled, recipe, img2img=request.image is not None)
     return dataclasses.replace(filled, validated=True)
 

@@ -137,6 +137,7 @@ class Recipe:
     vae: AutoencoderConfig
     text_encoder: TextEncoderConfig
     shapes: ShapeRanges
+    default_sampler: str = "ddim"  # a name or id from `sdrun samplers`
 
     @property
     def vae_scale(self) -> int:
@@ -163,6 +164,7 @@ def recipe_from_dict(data: dict, source: str = "<manifest>") -> Recipe:
 
 
 def _check_recipe(recipe: Recipe, path: Path) -> None:
+    _check_sampler(recipe.default_sampler, path)
     for axis in ("batch", "height", "width"):
         rng = getattr(recipe.shapes, axis)
         if not 1 <= rng.min <= rng.opt <= rng.max:
@@ -179,6 +181,16 @@ def _check_recipe(recipe: Recipe, path: Path) -> None:
     if unet.context_dim != recipe.text_encoder.width:
         raise UserError(f"{path}: unet.context_dim must equal text_encoder.width.",
                         got=f"{unet.context_dim} vs {recipe.text_encoder.width}", fix="make them equal")
+
+
+def _check_sampler(name: str, path: Path) -> None:
+    from sdrun.samplers import resolve_sampler
+
+    try:
+        resolve_sampler(name)
+    except UserError as err:
+        raise UserError(f"{path}: default_sampler {name!r} is not a sampler.", expected=err.expected,
+                        fix="name one of them (`sdrun samplers`)") from None
 
 
 def _build(cls, data, path: Path, where: str):

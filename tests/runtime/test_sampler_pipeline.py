@@ -8,6 +8,8 @@ diffusers' `randn_tensor`.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -131,3 +133,30 @@ def test_stochastic_samplers_equal_diffusers_given_the_same_noise(sampler_id, pi
     verdict = PEER_IMAGE.judge(f"{sampler_id} vs diffusers", compare(np.clip(ours, -1, 1), theirs, 2.0).to_dict())
     print(f"\n{verdict.describe()}")
     assert verdict.passed, verdict.describe()
+
+
+def test_the_recipes_default_sampler_is_used_when_none_is_given(tiny_bundle, tmp_path):
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from sdrun.cli import main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["recipe"]["default_sampler"] = "Euler a"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "o.png"
+    main(["txt2img", "--bundle", str(bundle), "--prompt", "x", "--steps", "3", "--backend", "onnxruntime",
+          "--quiet", "--out", str(out)])
+    assert "Sampler: Euler a" in Image.open(out).text["parameters"]
+
+
+def test_a_recipe_naming_no_sampler_is_refused(tiny_recipe):
+    from sdrun.errors import UserError
+    from sdrun.recipe import recipe_from_dict
+
+    with pytest.raises(UserError, match=re.escape("default_sampler 'DPM++ 9M' is not a sampler")):
+        recipe_from_dict({**tiny_recipe.to_dict(), "default_sampler": "DPM++ 9M"})
