@@ -2,8 +2,11 @@
 
 Numerics only: no file I/O here (the CLI reads and writes files), no RNG beyond the
 documented generator seeded by the caller: `numpy.random.default_rng(seed)` draws, in this
-order, the initial latents (txt2img) or the posterior and forward-noising noise (img2img), then,
-for eta > 0, one noise tensor per step — all `standard_normal(..., dtype=float32)`.
+order, the initial latents (txt2img) or the posterior and forward-noising noise (img2img, drawn
+even when --init-noise replaces the latter), then one noise tensor per step that takes noise
+(DDIM with eta > 0; per model evaluation for the stochastic samplers) — all
+`standard_normal(..., dtype=float32)`. img2img with DDIM keeps ldm's strength semantics; with
+any other sampler diffusers' (`sdrun.samplers.registry.img2img_first_step`).
 """
 from __future__ import annotations
 
@@ -106,11 +109,13 @@ class Pipeline:
         return GenerationResult(to_uint8(decoded), latents, decoded, request, self.timer, dropped, self.step_fused)
 
     def _generate_planned(self, request, context, dropped, rng, on_step, started) -> GenerationResult:
-        plan = sampler_plan(self.recipe, request.sampler, request.steps, request.karras, request.spacing,
-                            request.eta, request.guidance)
+        plan = planned_request_plan(request, self.recipe, img2img=request.image is not None)
+        if request.image is None:
+            x0, noise = None, self._initial_noise(request, rng)
+        else:
+            x0, noise = self._img2img_latents(request, rng)
         start = time.perf_counter()
-        latents = sample_plan(plan, self.runners, self._initial_noise(request, rng), context, request.guidance,
-                              rng, on_step)
+        latents = sample_plan(plan, self.runners, noise, context, request.guidance, rng, on_step, x0)
         self.timer.add("denoise", time.perf_counter() - start)
         decoded = self._decode(latents)
         self.timer.add("total", time.perf_counter() - started)
@@ -145,17 +150,22 @@ class Pipeline:
 
     def _img2img_start(self, request, table, rng) -> tuple[np.ndarray, schedulers.DDIMTable]:
         """Encode the image, sample its posterior and noise it to step t_enc (ldm img2img)."""
+        x0, noise = self._img2img_latents(request, rng)
+        t_enc = schedulers.img2img_start(request.steps, request.strength)
+        return schedulers.q_sample_ddim(x0, noise, table, t_enc), schedulers.img2img_table(table, t_enc)
+
+    def _img2img_latents(self, request, rng) -> tuple[np.ndarray, np.ndarray]:
+        """(x_0, z): a posterior sample of the encoded image and the unit forward noise, both (B, 4, h, w)."""
         image = np.broadcast_to(request.image, (request.batch, *request.image.shape[1:])).astype(np.float32)
         start = time.perf_counter()
         moments = self.runners["vae_encoder"].run({"images": image})["latent"]
         self.timer.add("vae_encoder", time.perf_counter() - start)
         mean, std = np.split(moments, 2, axis=1)  # already scaled by the latent scale factor
         x0 = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-        t_enc = schedulers.img2img_start(request.steps, request.strength)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)
         if request.init_noise is not None:
             noise = np.ascontiguousarray(request.init_noise, dtype=np.float32)
-        return schedulers.q_sample_ddim(x0, noise, table, t_enc), schedulers.img2img_table(table, t_enc)
+        return x0, noise
 
     def _decode(self, latents: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
@@ -241,12 +251,16 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
 
 
 def _check_planned(request: GenerationRequest, recipe: Recipe, img2img: bool) -> None:
-    """Every sampler option is checked by building its plan (milliseconds) before any heavy work."""
-    if img2img:
-        raise UserError(f"img2img runs with DDIM for now, and the request asks for {request.sampler}.",
-                        fix="drop --sampler (and --karras / --timestep-spacing) for img2img")
-    sampler_plan(recipe, request.sampler, request.steps, request.karras, request.spacing, request.eta,
-                 request.guidance)
+    """Every sampler option (img2img strength included) is checked by building its plan (milliseconds)
+    before any heavy work."""
+    planned_request_plan(request, recipe, img2img)
+
+
+def planned_request_plan(request: GenerationRequest, recipe: Recipe, img2img: bool):
+    """The sampler plan of a request; for img2img, of the steps `request.strength` keeps."""
+    strength = request.strength if img2img else None
+    return sampler_plan(recipe, request.sampler, request.steps, request.karras, request.spacing, request.eta,
+                        request.guidance, strength)
 
 
 def _check_size(axis: str, value: int, allowed: ShapeRange, multiple: int) -> None:

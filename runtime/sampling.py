@@ -4,7 +4,8 @@ DDIM at ldm's discretization keeps its own path (`sdrun.pipeline.denoise`), whic
 graph also serves; every other sampler runs here: per model evaluation, the UNet sees
 c_in·state[0] at the plan's (possibly fractional) timestep, classifier-free guidance combines the
 two halves, and the plan's linear update advances the state. Noise is drawn from the request's
-generator after the initial latents, one tensor per evaluation whose update takes noise.
+generator after the initial latents (img2img: after the posterior and forward noise), one tensor
+per evaluation whose update takes noise.
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ def is_planned(sampler: str | None, karras: bool | None, spacing: str | None) ->
 
 
 def sampler_plan(recipe: Recipe, sampler: str | None, steps: int, karras: bool | None, spacing: str | None,
-                 eta: float, guidance: float) -> Plan:
-    """The plan of the request's sampler; eta only where the sampler takes it (DDIM)."""
+                 eta: float, guidance: float, strength: float | None = None) -> Plan:
+    """The plan of the request's sampler; eta only where the sampler takes it (DDIM); `strength`: img2img."""
     chosen = resolve_sampler(sampler or LDM_DDIM)
     return make_plan(chosen, recipe.schedule, recipe.parameterization, steps, karras=karras, spacing=spacing,
-                     eta=eta if chosen.id == LDM_DDIM else None, guidance=guidance)
+                     eta=eta if chosen.id == LDM_DDIM else None, guidance=guidance, strength=strength)
 
 
 def guided_model(unet: GraphRunner, context: np.ndarray, guidance: float) -> Callable:
@@ -50,8 +51,9 @@ def guided_model(unet: GraphRunner, context: np.ndarray, guidance: float) -> Cal
 
 
 def sample_plan(plan: Plan, runners: Mapping[str, GraphRunner], init_noise: np.ndarray, context: np.ndarray,
-                guidance: float, rng: np.random.Generator, on_step=None) -> np.ndarray:
-    """Final latents of `plan` from unit-variance `init_noise` (B, C, h, w)."""
+                guidance: float, rng: np.random.Generator, on_step=None, x0: np.ndarray | None = None) -> np.ndarray:
+    """Final latents of `plan` from unit-variance `init_noise` (B, C, h, w) and, for img2img, the
+    encoded image `x0` (B, C, h, w)."""
     if "unet" not in runners:
         raise UserError(f"the {plan.name} sampler runs with the plain UNet, and this pipeline loaded the "
                         "step-fused one only.", fix="load the pipeline with step_fusion=False (sdrun does for "
@@ -67,4 +69,4 @@ def sample_plan(plan: Plan, runners: Mapping[str, GraphRunner], init_noise: np.n
             on_step(e + 1, len(plan))
 
     model = guided_model(runners["unet"], context, guidance)
-    return run_plan(plan, model, init_noise, noises, progress).astype(np.float32)
+    return run_plan(plan, model, init_noise, noises, progress, x0).astype(np.float32)

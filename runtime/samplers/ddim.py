@@ -2,7 +2,9 @@
 
 Without a spacing the timesteps are ldm's uniform discretization (`ddim_table`, the numbers the
 runtime has always produced); with one they are diffusers' `DDIMScheduler`'s, whose ᾱ_{t-1} is
-taken at t - T // S (ᾱ_0 once that falls below 0, `set_alpha_to_one = False`).
+taken at t - T // S (ᾱ_0 once that falls below 0, `set_alpha_to_one = False`). img2img keeps
+ldm's semantics (`sdrun.schedulers.q_sample_ddim`): steps k.. run from the noise level one step
+above step k, sqrt(ᾱ) x_0 + sqrt(1 - ᾱ) z at step max(k - 1, 0).
 """
 from __future__ import annotations
 
@@ -37,9 +39,13 @@ def _ddim_update(a_t, a_prev, eta, p: Parameterization):
     return update
 
 
-def ddim(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing | None, eta: float = 0.0, **_):
+def ddim(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing | None, eta: float = 0.0,
+         start: int | None = None, **_):
     """DDIM eq. 12 with σ_t = η·(eq. 16); η = 0 is the deterministic sampler."""
     timesteps, a_t, a_prev = ddim_alphas(schedule, steps, spacing)
     evaluations = [Evaluation(t, 1.0, _ddim_update(a, a_p, eta, p))
                    for t, a, a_p in zip(timesteps, a_t, a_prev)]
-    return Program(1, tuple(evaluations), 1.0)
+    if start is None:
+        return Program(1, tuple(evaluations), 1.0)
+    a = a_t[max(start - 1, 0)]  # ldm: noised to ddim_timesteps[t_enc], denoised from [t_enc - 1]
+    return Program(1, tuple(evaluations[start:]), float(np.sqrt(1.0 - a)), x0_scale=float(np.sqrt(a)))

@@ -7,6 +7,8 @@ In the VP latent with λ = log(α/σ) = -log s and h = λ_t - λ_s (so e^{-h} = 
 with r = h_prev / h (the midpoint solver type). The first step and the final step to s = 0 are
 first order (drop the D_prev term), as diffusers' `lower_order_final` with `final_sigmas_type =
 "zero"`. State [x, D_prev]; timesteps and sigmas as diffusers' DPMSolverMultistepScheduler.
+img2img (`start` = k) runs steps k.. from α_k x_0 + σ_k z (diffusers' `add_noise`), its first
+step first order again: the multistep history begins at the first step run.
 """
 from __future__ import annotations
 
@@ -35,6 +37,14 @@ def multistep_schedule(schedule: DDPMSchedule, steps: int, spacing: Spacing, kar
     return timesteps, np.append(sigmas, 0.0)
 
 
+def vp_program(width: int, evaluations, sigmas, start: int | None) -> Program:
+    """txt2img from z, or img2img from α_start x_0 + σ_start z (the VP latent at s_start)."""
+    if start is None:
+        return Program(width, tuple(evaluations), 1.0)
+    alpha, sigma = vp_coefficients(sigmas[start])
+    return Program(width, tuple(evaluations), float(sigma), x0_scale=float(alpha))
+
+
 def log_snr_step(sigma, sigma_next) -> float:
     """h = λ_next - λ = log(s / s_next) (inf for the step to s = 0)."""
     with np.errstate(divide="ignore"):
@@ -60,21 +70,21 @@ def _dpmpp_update(sigmas, i: int, second_order: bool, sde: bool, p: Parameteriza
     return update
 
 
-def _dpmpp(schedule, p, steps, spacing, karras, sde: bool) -> Program:
+def _dpmpp(schedule, p, steps, spacing, karras, sde: bool, start: int | None) -> Program:
     timesteps, sigmas = multistep_schedule(schedule, steps, spacing, karras)
-    n = len(timesteps)
-    evaluations = [Evaluation(t, 1.0, _dpmpp_update(sigmas, i, 0 < i < n - 1, sde, p))
-                   for i, t in enumerate(timesteps)]
-    return Program(2, tuple(evaluations), 1.0)
+    n, first = len(timesteps), start or 0
+    evaluations = [Evaluation(timesteps[i], 1.0, _dpmpp_update(sigmas, i, first < i < n - 1, sde, p))
+                   for i in range(first, n)]
+    return vp_program(2, evaluations, sigmas, start)
 
 
 def dpmpp_2m(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing,
-             karras: bool, **_) -> Program:
+             karras: bool, start: int | None = None, **_) -> Program:
     """DPM-Solver++(2M), the multistep second-order data-prediction solver."""
-    return _dpmpp(schedule, p, steps, spacing, karras, sde=False)
+    return _dpmpp(schedule, p, steps, spacing, karras, sde=False, start=start)
 
 
 def dpmpp_2m_sde(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing,
-                 karras: bool, **_) -> Program:
+                 karras: bool, start: int | None = None, **_) -> Program:
     """SDE-DPM-Solver++(2M): the same multistep update plus fresh noise each step."""
-    return _dpmpp(schedule, p, steps, spacing, karras, sde=True)
+    return _dpmpp(schedule, p, steps, spacing, karras, sde=True, start=start)

@@ -5,7 +5,8 @@ x = x_0 + s·ε, dx/ds = (x - D(x; s)) / s with D the denoiser. Euler is alg. 1 
 second-order correction, Heun is alg. 1 (the correction skipped on the step to s = 0); Euler
 ancestral splits each step into a deterministic step to s_down and fresh noise of size s_up
 (k-diffusion `get_ancestral_step`). Timesteps, sigmas and `init_noise_sigma` follow diffusers'
-Euler/Heun schedulers; the UNet sees x / sqrt(s² + 1).
+Euler/Heun schedulers; the UNet sees x / sqrt(s² + 1). img2img (`start` = k, the first step
+run) keeps steps k.. and starts from x_0 + s_k·z, diffusers' `add_noise` for these schedulers.
 """
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def init_sigma(sigmas, spacing: Spacing) -> float:
     return top if spacing in (Spacing.LINSPACE, Spacing.TRAILING) else float(np.hypot(top, 1.0))
 
 
+def _program(width: int, evaluations, sigmas, spacing: Spacing, start: int | None) -> Program:
+    """txt2img from init_sigma·z, or img2img from x_0 + s_start·z (the Karras latent x_0 + s·ε)."""
+    if start is None:
+        return Program(width, tuple(evaluations), init_sigma(sigmas, spacing))
+    return Program(width, tuple(evaluations), float(sigmas[start]), x0_scale=1.0)
+
+
 def _c_in(sigma) -> float:
     return 1.0 / np.sqrt(sigma * sigma + 1.0)
 
@@ -47,12 +55,13 @@ def _euler_update(sigma, sigma_next, p: Parameterization):
     return update
 
 
-def euler(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing, karras: bool, **_):
+def euler(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing, karras: bool,
+          start: int | None = None, **_):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, alg. 1 first order)."""
     timesteps, sigmas = karras_schedule(schedule, steps, spacing, karras)
     evaluations = [Evaluation(t, _c_in(s), _euler_update(s, s_next, p))
                    for t, s, s_next in zip(timesteps, sigmas, sigmas[1:])]
-    return Program(1, tuple(evaluations), init_sigma(sigmas, spacing))
+    return _program(1, evaluations[start or 0:], sigmas, spacing, start)
 
 
 def ancestral_step(sigma, sigma_next):
@@ -70,12 +79,13 @@ def _ancestral_update(sigma, sigma_next, p: Parameterization):
     return update
 
 
-def euler_ancestral(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing, **_):
+def euler_ancestral(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing,
+                    start: int | None = None, **_):
     """Euler steps to s_down plus s_up of fresh noise (k-diffusion `sample_euler_ancestral`)."""
     timesteps, sigmas = karras_schedule(schedule, steps, spacing, False)
     evaluations = [Evaluation(t, _c_in(s), _ancestral_update(s, s_next, p))
                    for t, s, s_next in zip(timesteps, sigmas, sigmas[1:])]
-    return Program(1, tuple(evaluations), init_sigma(sigmas, spacing))
+    return _program(1, evaluations[start or 0:], sigmas, spacing, start)
 
 
 def _heun_predict(sigma, sigma_next, p: Parameterization):
@@ -96,13 +106,16 @@ def _heun_correct(sigma, sigma_next, p: Parameterization):
     return update
 
 
-def heun(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing, karras: bool, **_):
+def heun(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing, karras: bool,
+         start: int | None = None, **_):
     """Heun's 2nd-order method (Karras et al. 2022, alg. 1); the last step to s = 0 is Euler."""
     timesteps, sigmas = karras_schedule(schedule, steps, spacing, karras)
     evaluations = []
     for i, (t, s, s_next) in enumerate(zip(timesteps, sigmas, sigmas[1:])):
+        if i < (start or 0):  # img2img: a step's two stages are kept or dropped together
+            continue
         evaluations.append(Evaluation(t, _c_in(s), _heun_predict(s, s_next, p)))
         if s_next > 0:
             t_next = timesteps[i + 1]
             evaluations.append(Evaluation(t_next, _c_in(s_next), _heun_correct(s, s_next, p)))
-    return Program(3, tuple(evaluations), init_sigma(sigmas, spacing))
+    return _program(3, evaluations, sigmas, spacing, start)

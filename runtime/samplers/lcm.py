@@ -5,7 +5,8 @@ c_out(t) x̂_0 (eq. 9 with c_skip = σ_d²/((10t)² + σ_d²), c_out = 10t/sqrt(
 σ_d = 0.5, diffusers' `timestep_scaling = 10`) and re-noises it to the next timestep,
 x' = sqrt(ᾱ') f + sqrt(1 - ᾱ') z; the last step returns f. Timesteps: `num_inference_steps`
 evenly strided picks from the 50-step distillation schedule (19, 39, ..., 999), as diffusers'
-LCMScheduler picks them. State [x].
+LCMScheduler picks them. State [x]. img2img (`start` = k) runs steps k.. from
+sqrt(ᾱ_k) x_0 + sqrt(1 - ᾱ_k) z, diffusers' `add_noise`.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def guidance_warning(guidance: float | None) -> tuple[str, ...]:
 
 
 def lcm(schedule: DDPMSchedule, p: Parameterization, steps: int, guidance: float | None = None,
-        **_) -> Program:
+        start: int | None = None, **_) -> Program:
     """Latent consistency multistep sampling with fresh noise between steps."""
     alphas = alphas_cumprod(schedule)
     timesteps = lcm_timesteps(steps, len(alphas))
@@ -65,4 +66,7 @@ def lcm(schedule: DDPMSchedule, p: Parameterization, steps: int, guidance: float
     evaluations = [Evaluation(float(t), 1.0, _lcm_update(t, a[i], a[min(i + 1, steps - 1)],
                                                          i == steps - 1, p))
                    for i, t in enumerate(timesteps)]
-    return Program(1, tuple(evaluations), 1.0, guidance_warning(guidance))
+    if start is None:
+        return Program(1, tuple(evaluations), 1.0, guidance_warning(guidance))
+    return Program(1, tuple(evaluations[start:]), float(np.sqrt(1.0 - a[start])),
+                   guidance_warning(guidance), x0_scale=float(np.sqrt(a[start])))

@@ -10,7 +10,10 @@ two-stage method's start point); they start at zero. Evaluation e computes
 A[e] is (W, W + 1); the parameterization's conversion of y_e to a denoised estimate is folded in.
 z_e is unit-variance noise passed in for the evaluations where `noise_scale[e]` is nonzero.
 The initial state is [init_scale · z_init, 0, ..., 0]; the result is state[0] after the last
-evaluation.
+evaluation. An img2img plan starts part-way down the schedule from an encoded image x_0 instead:
+its initial state is [x0_scale · x_0 + init_scale · z_init, 0, ..., 0], the forward noising
+q(x_t | x_0) written in the sampler's own latent (x_0 + s·z for the Karras-form samplers,
+sqrt(ᾱ)·x_0 + sqrt(1 - ᾱ)·z for the VP ones), and its stored slots start at zero there.
 
 A sampler describes itself as a list of `Evaluation`s whose `update` is written with ordinary
 arithmetic over (state, y, z). Because the update is linear, calling it on basis vectors
@@ -43,6 +46,7 @@ class Program:
     evaluations: tuple[Evaluation, ...]
     init_scale: float
     warnings: tuple[str, ...] = ()
+    x0_scale: float = 0.0  # img2img: state[0] starts at x0_scale·x_0 + init_scale·z
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,6 +60,7 @@ class Plan:
     noise_scale: np.ndarray  # (E, W) float64, per state slot, times z_e
     init_scale: float  # diffusers' init_noise_sigma: state[0] starts at init_scale·z
     warnings: tuple[str, ...] = ()
+    x0_scale: float = 0.0  # img2img plans: state[0] starts at x0_scale·x_0 + init_scale·z
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -81,7 +86,8 @@ def build_plan(name: str, program: Program) -> Plan:
                 timesteps=_frozen([e.timestep for e in evaluations]),
                 c_in=_frozen([e.c_in for e in evaluations]),
                 A=_frozen(rows[:, :, :w + 1]), noise_scale=_frozen(rows[:, :, w + 1]),
-                init_scale=float(program.init_scale), warnings=program.warnings)
+                init_scale=float(program.init_scale), warnings=program.warnings,
+                x0_scale=float(program.x0_scale))
 
 
 def _frozen(values) -> np.ndarray:
@@ -90,9 +96,15 @@ def _frozen(values) -> np.ndarray:
     return array
 
 
-def initial_state(plan: Plan, noise: np.ndarray) -> list:
-    """[init_scale·z, 0, ...]: `noise` is the unit-variance initial noise (`--init-noise`)."""
-    x = (plan.init_scale * noise).astype(noise.dtype, copy=False)
+def initial_state(plan: Plan, noise: np.ndarray, x0: np.ndarray | None = None) -> list:
+    """[init_scale·z (+ x0_scale·x_0), 0, ...]: `noise` is unit-variance (`--init-noise`), `x0`
+    the encoded image of an img2img plan."""
+    x = plan.init_scale * noise
+    if plan.x0_scale != 0.0:
+        if x0 is None:
+            raise ValueError(f"{plan.name} is an img2img plan: it starts from an encoded image x0")
+        x = x + plan.x0_scale * x0
+    x = x.astype(noise.dtype, copy=False)
     return [x] + [np.zeros_like(x) for _ in range(plan.width - 1)]
 
 
@@ -122,9 +134,10 @@ def _combine(coefficients, operands, noise_scale, noise, like) -> np.ndarray:
 
 
 def run_plan(plan: Plan, model: Callable, init_noise: np.ndarray, noises: Sequence | None = None,
-             callback: Callable | None = None) -> np.ndarray:
-    """The host loop: `model(x_in, t)` -> guided output; `noises[e]` for evaluations that need it."""
-    state = initial_state(plan, init_noise)
+             callback: Callable | None = None, x0: np.ndarray | None = None) -> np.ndarray:
+    """The host loop: `model(x_in, t)` -> guided output; `noises[e]` for evaluations that need it;
+    `x0` the encoded image of an img2img plan."""
+    state = initial_state(plan, init_noise, x0)
     for e in range(len(plan)):
         y = model(model_input(plan, e, state), plan.timesteps[e])
         state = apply_plan_step(plan, e, state, y, None if noises is None else noises[e])
@@ -134,9 +147,10 @@ def run_plan(plan: Plan, model: Callable, init_noise: np.ndarray, noises: Sequen
 
 
 def run_program(program: Program, model: Callable, init_noise: np.ndarray,
-                noises: Sequence | None = None, callback: Callable | None = None) -> np.ndarray:
+                noises: Sequence | None = None, callback: Callable | None = None,
+                x0: np.ndarray | None = None) -> np.ndarray:
     """The sampler's own reference loop: its updates on arrays, no matrices involved."""
-    x = program.init_scale * init_noise
+    x = program.init_scale * init_noise + (0.0 if x0 is None else program.x0_scale * x0)
     state = [x] + [np.zeros_like(x) for _ in range(program.width - 1)]
     for e, evaluation in enumerate(program.evaluations):
         y = model(evaluation.c_in * state[0], evaluation.timestep)

@@ -6,7 +6,10 @@ combination of the last ε̂ (Adams–Bashforth, PNDM eq. 12): (3e_0 - e_1)/2, (
 5e_2)/12, then (55e_0 - 59e_1 + 37e_2 - 9e_3)/24. The first step has no history: ldm takes a
 pseudo improved-Euler step instead — predict x_{t-1} with ε̂_t, evaluate ε̂ there at the next
 timestep, and redo the step from x_t with the mean of both. ε̂ of a v-model is converted at
-each evaluation's own latent and timestep. State [x, x_start, e_1, e_2, e_3].
+each evaluation's own latent and timestep. State [x, x_start, e_1, e_2, e_3]. img2img (`start`
+= k) runs PLMS afresh on steps k.. (the pseudo improved-Euler step first) from sqrt(ᾱ_k) x_0 +
+sqrt(1 - ᾱ_k) z; diffusers' PNDM img2img instead slices its duplicated-timestep list and so feeds
+every later latent one timestep off.
 """
 from __future__ import annotations
 
@@ -60,13 +63,15 @@ def _multistep(a_t, a_prev, history: int, p):
 
 
 def plms(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing | None,
-         **_) -> Program:
+         start: int | None = None, **_) -> Program:
     """ldm's PLMS sampler (`p_sample_plms`), ldm's timesteps unless a spacing is given."""
-    timesteps, a_t, a_prev = ddim_alphas(schedule, steps, spacing)
+    timesteps, a_t, a_prev = (column[start or 0:] for column in ddim_alphas(schedule, steps, spacing))
     n = len(timesteps)
     evaluations = [Evaluation(timesteps[0], 1.0, _first_predict(a_t[0], a_prev[0], p)),
                    Evaluation(timesteps[min(1, n - 1)], 1.0,
                               _first_correct(a_t[0], a_prev[0], a_t[min(1, n - 1)], p))]
     evaluations += [Evaluation(timesteps[i], 1.0, _multistep(a_t[i], a_prev[i], min(i, 3), p))
                     for i in range(1, n)]
-    return Program(5, tuple(evaluations), 1.0)
+    if start is None:
+        return Program(5, tuple(evaluations), 1.0)
+    return Program(5, tuple(evaluations), float(np.sqrt(1.0 - a_t[0])), x0_scale=float(np.sqrt(a_t[0])))

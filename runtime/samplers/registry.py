@@ -115,6 +115,21 @@ def _check_eta(sampler: Sampler, eta: float | None) -> float:
     return float(eta)
 
 
+def img2img_first_step(steps: int, strength: float) -> int:
+    """diffusers' img2img: the last init_timestep = min(int(steps·strength), steps) steps run, from
+    t_start = steps - init_timestep (ldm's t_enc = int(strength·steps) for DDIM is the same count)."""
+    if not 0.0 < strength <= 1.0:
+        raise UserError("Invalid img2img strength.",
+                        expected="a number in (0, 1]: how much of the input image is re-noised",
+                        got=repr(strength), fix="use e.g. 0.75 (SD1 default) or 0.8 (SD2 default)")
+    kept = min(int(steps * strength), steps)
+    if kept == 0:
+        raise UserError(f"img2img strength {strength:g} with {steps} steps leaves no step to run.",
+                        expected=f"strength · steps >= 1 (strength >= {1 / steps:g} at {steps} steps)",
+                        got=f"int({strength:g} · {steps}) = 0", fix="raise --strength or --steps")
+    return steps - kept
+
+
 def make_plan(name: str | Sampler, schedule: DDPMSchedule, parameterization: Parameterization,
               steps: int, **options) -> Plan:
     """The plan for `steps` steps; options as `make_program`'s."""
@@ -125,12 +140,19 @@ def make_plan(name: str | Sampler, schedule: DDPMSchedule, parameterization: Par
 
 def make_program(name: str | Sampler, schedule: DDPMSchedule, parameterization: Parameterization,
                  steps: int, *, karras: bool | None = None, spacing: str | Spacing | None = None,
-                 eta: float | None = None, guidance: float | None = None) -> Program:
-    """The sampler's evaluations for `steps` steps; options None mean the sampler's defaults."""
+                 eta: float | None = None, guidance: float | None = None,
+                 strength: float | None = None) -> Program:
+    """The sampler's evaluations for `steps` steps; options None mean the sampler's defaults.
+
+    `strength`: an img2img program, the steps diffusers' img2img runs at that strength, started
+    from the encoded image noised to the first of them (`Program.x0_scale`).
+    """
     sampler = name if isinstance(name, Sampler) else resolve_sampler(name)
     _check_steps(sampler, steps, schedule.timesteps)
     options = dict(karras=_check_karras(sampler, karras), eta=_check_eta(sampler, eta),
                    spacing=parse_spacing(spacing) or sampler.default_spacing)
+    if strength is not None:
+        options["start"] = img2img_first_step(steps, strength)
     if sampler.id == "lcm":
         options["guidance"] = guidance
     return sampler.build(schedule, parameterization, steps, **options)

@@ -8,7 +8,9 @@ With m = x̂_0 estimates, h = λ_t - λ_s, hh = -h and φ-functions of hh:
                      ρ solving R ρ = b (Zhao et al. 2023, alg. 2; ρ = 1/2 at order 1).
 The UNet sees the predictor's output; the corrected latent is what the next predictor starts
 from. Orders warm up (1, 2, 2, ...) and the last step is first order (`lower_order_final`).
-State [x, x_last, m_prev, m_prev2]; timesteps as diffusers' UniPCMultistepScheduler.
+State [x, x_last, m_prev, m_prev2]; timesteps as diffusers' UniPCMultistepScheduler. img2img
+(`start` = k) runs steps k.. from α_k x_0 + σ_k z; the warm-up counts from step k, and step k
+has no corrector, as diffusers' `lower_order_nums` and `last_sample` start afresh there.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from sdrun.recipe import DDPMSchedule, Parameterization
 from sdrun.samplers.discretize import Spacing, denoised, vp_coefficients
-from sdrun.samplers.dpm_solver import log_snr_step, multistep_schedule
+from sdrun.samplers.dpm_solver import log_snr_step, multistep_schedule, vp_program
 from sdrun.samplers.plan import Evaluation, Program
 
 ORDER = 2
@@ -60,15 +62,15 @@ def _unic(sigmas, i: int, order: int):
     return sigma_t / sigma_s, scale - c_prev2 - scale * rhos[-1], c_prev2, scale * rhos[-1]
 
 
-def predictor_order(i: int, n: int) -> int:
-    """Warm-up and lower_order_final: min(ORDER, i + 1, n - i)."""
-    return min(ORDER, i + 1, n - i)
+def predictor_order(i: int, n: int, first: int = 0) -> int:
+    """Warm-up from the first step run and lower_order_final: min(ORDER, i - first + 1, n - i)."""
+    return min(ORDER, i - first + 1, n - i)
 
 
-def _update(sigmas, i: int, n: int, p: Parameterization):
+def _update(sigmas, i: int, n: int, p: Parameterization, first: int = 0):
     alpha, sigma = vp_coefficients(sigmas[i])
-    corrector = _unic(sigmas, i, predictor_order(i - 1, n)) if i > 0 else None
-    predictor = _unip(sigmas, i, predictor_order(i, n))
+    corrector = _unic(sigmas, i, predictor_order(i - 1, n, first)) if i > first else None
+    predictor = _unip(sigmas, i, predictor_order(i, n, first))
 
     def update(state, y, z):
         x, x_last, m_prev, m_prev2 = state
@@ -82,9 +84,10 @@ def _update(sigmas, i: int, n: int, p: Parameterization):
 
 
 def unipc(schedule: DDPMSchedule, p: Parameterization, steps: int, spacing: Spacing,
-          karras: bool, **_) -> Program:
+          karras: bool, start: int | None = None, **_) -> Program:
     """UniPC-bh2 of order 2 (predictor UniP-2, corrector UniC)."""
     timesteps, sigmas = multistep_schedule(schedule, steps, spacing, karras)
-    n = len(timesteps)
-    evaluations = [Evaluation(t, 1.0, _update(sigmas, i, n, p)) for i, t in enumerate(timesteps)]
-    return Program(4, tuple(evaluations), 1.0)
+    n, first = len(timesteps), start or 0
+    evaluations = [Evaluation(timesteps[i], 1.0, _update(sigmas, i, n, p, first))
+                   for i in range(first, n)]
+    return vp_program(4, evaluations, sigmas, start)
