@@ -1,9 +1,10 @@
 """The pipeline scope's sampler table and convergence run, on each backend's plain UNet.
 
 Sampler table: every sampler in `sdrun.samplers.SAMPLERS` at the bench's step count, on the first
-prompt and its initial noise, `sampler_repeats` timed runs per (backend, sampler) in rounds over the
-samplers of one runtime at a time (runtimes take turns, as in `benchmarks.txt2img`). The first
-round's images and latents are compared with eager fp32 under the same sampler and gated with the
+prompt and its initial noise. To keep the run short, ONNX Runtime fp32 (`TIMED`) makes
+`sampler_repeats` timed runs per sampler, in rounds over the samplers; every other engine set one run,
+whose latency is reported as a single sample. Runtimes take turns, as in `benchmarks.txt2img`. The
+first run's images and latents are compared with eager fp32 under the same sampler and gated with the
 DDIM variants' gate (`sdrun.gates.pipeline_image_gate`); no untimed warm-up, since the DDIM variants
 ran on the same sessions just before.
 
@@ -28,6 +29,7 @@ from sdrun.samplers import SAMPLERS
 from sdrun.sampling import guided_model
 
 SOLVER = EngineSet("onnxruntime", "fp32")  # the convergence run's model
+TIMED = EngineSet("onnxruntime", "fp32")  # the engine set timed over `sampler_repeats` runs per sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +45,8 @@ def sampler_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], eng
     loaded = {e: load_pipeline(bundles[e.precision], e, Denoise.PLAIN, config.threads) for e in engine_sets}
     results = ()
     if config.sampler_repeats:
-        log(f"sampler table: {len(SAMPLERS)} samplers × {len(loaded)} engine sets, {config.sampler_repeats} "
-            f"timed runs each at {request.steps} steps")
+        log(f"sampler table: {len(SAMPLERS)} samplers × {len(loaded)} engine sets at {request.steps} steps, "
+            f"{config.sampler_repeats} timed runs each on {TIMED.label}, one on the others")
         runs = sampler_runs(loaded, request, config.sampler_repeats)
         results = tuple(sampler_result(e, s, runs[e, s], runs[REFERENCE, s], log) for s in SAMPLERS for e in loaded)
     convergence = None
@@ -54,12 +56,12 @@ def sampler_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], eng
 
 
 def sampler_runs(loaded: dict, request, repeats: int) -> dict[tuple[EngineSet, str], list]:
-    """(engine set, sampler id) -> the GenerationResult of each timed round."""
+    """(engine set, sampler id) -> the GenerationResult of each timed round (`repeats` on TIMED, else one)."""
     runs = {}
     for engines, one in loaded.items():
         calls = {(engines, s): functools.partial(one.pipeline.generate, dataclasses.replace(request, sampler=s))
                  for s in SAMPLERS}
-        runs.update(interleaved(calls, 0, repeats))
+        runs.update(interleaved(calls, 0, repeats if engines == TIMED else 1))
     return runs
 
 
