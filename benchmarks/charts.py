@@ -22,6 +22,13 @@ PEER_COLOUR = "#c44e52"
 BAR_HEIGHT_INCHES = 0.45
 
 
+def curve_colour(index: int):
+    """20 distinct colours (matplotlib's tab20), one per convergence curve."""
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](index)
+
+
 def new_figure(width: float, height: float):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -102,7 +109,7 @@ def convergence_chart(convergence, title: str, path: Path) -> None:
     samplers dashed, since they converge to another distribution rather than to the ODE solution."""
     figure = new_figure(9, 5.5)
     axes = figure.add_subplot()
-    colours = [f"C{i % 10}" for i in range(len(convergence.curves))]
+    colours = [curve_colour(i % 20) for i in range(len(convergence.curves))]
     for curve, colour in zip(convergence.curves, colours):
         axes.plot(curve.steps, curve.distances, marker="o", markersize=3, color=colour,
                   linestyle="--" if curve.stochastic else "-",
@@ -110,9 +117,8 @@ def convergence_chart(convergence, title: str, path: Path) -> None:
     axes.set_yscale("log")
     axes.set_xlabel("steps")
     axes.set_ylabel("relative L2 of final latents")
-    axes.set_title(title, fontsize=10)
+    axes.set_title(f"{title} ({convergence.model})\ndashed: stochastic samplers (fresh noise each step),\n"
+                   "which converge to another distribution, not to the ODE solution", fontsize=8)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    figure.text(0.01, 0.005, f"{convergence.model}; dashed: stochastic samplers (fresh noise each step), "
-                "which converge to another distribution, not to the ODE solution", fontsize=7)
     figure.savefig(path, dpi=110)
