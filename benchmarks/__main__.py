@@ -15,13 +15,17 @@ from sdrun.errors import run_cli
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="timed runs per measurement")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="untimed runs before them")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True,
-              help="directory for <machine>-<recipe>.json/.md/-latency.png/-images.png")
+              help="directory for <machine>-<recipe>.json/.md/-latency.png/-images.png/-convergence.png")
 @click.option("--seed", type=int, default=0, show_default=True, help="random weights and initial noise")
 @click.option("--threads", type=click.IntRange(min=1),
               help="intra-op threads for ONNX Runtime and eager PyTorch alike (default: each library's own)")
 @click.option("--unet-step-only", is_flag=True,
               help="time one UNet call at batch 2 (eager, ONNX Runtime fp32/fp16, diffusers) instead of txt2img")
-def main(recipe, steps, repeats, warmup, out, seed, threads, unet_step_only) -> None:
+@click.option("--sampler-repeats", type=click.IntRange(min=0), default=3, show_default=True,
+              help="timed runs per backend and sampler in the sampler table (0: no sampler table)")
+@click.option("--no-convergence", is_flag=True,
+              help="skip the convergence run (every sampler at 5-50 steps against 1000-step DDIM)")
+def main(recipe, steps, repeats, warmup, out, seed, threads, unet_step_only, sampler_repeats, no_convergence) -> None:
     """Export the recipe with random weights, run every available backend on the same prompts and noise,
     and report accuracy (per component and end to end) and latency. Exits 1 when an accuracy gate fails
     or a backend this machine has fails to build or run; a backend it lacks is listed as not run."""
@@ -31,7 +35,8 @@ def main(recipe, steps, repeats, warmup, out, seed, threads, unet_step_only) -> 
     from benchmarks.report import write_results
 
     config = BenchConfig(recipe=recipe, scope=Scope.UNET_STEP if unet_step_only else Scope.PIPELINE, steps=steps,
-                         repeats=repeats, warmup=warmup, seed=seed, threads=threads)
+                         repeats=repeats, warmup=warmup, seed=seed, threads=threads, sampler_repeats=sampler_repeats,
+                         **({"convergence_steps": ()} if no_convergence else {}))
     started = provenance.started()
     try:
         result = run_benchmark(config, log=click.echo)

@@ -1,4 +1,5 @@
-"""PNG charts: latency per backend stacked by stage, and the images side by side with their PSNR.
+"""PNG charts: latency per backend stacked by stage, the images side by side with their PSNR, and the
+samplers' convergence curves.
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot state, no display needed).
 """
@@ -19,6 +20,13 @@ STAGE_NAMES = {"text_encoder": "text encoder", "denoise": "denoise (graph calls)
 PIPELINE_STAGES = ("text_encoder", "denoise", "vae_decoder", "overhead")  # they add up to the total
 PEER_COLOUR = "#c44e52"
 BAR_HEIGHT_INCHES = 0.45
+
+
+def curve_colour(index: int):
+    """20 distinct colours (matplotlib's tab20), one per convergence curve."""
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](index)
 
 
 def new_figure(width: float, height: float):
@@ -94,3 +102,23 @@ def image_grid(result: BenchResult, path: Path) -> None:
 
 def _psnr_label(psnr_db: float) -> str:
     return "identical" if psnr_db == float("inf") else f"PSNR {psnr_db:.1f} dB"
+
+
+def convergence_chart(convergence, title: str, path: Path) -> None:
+    """One line per sampler: relative L2 to the target solution (log scale) against steps; stochastic
+    samplers dashed, since they converge to another distribution rather than to the ODE solution."""
+    figure = new_figure(9, 5.5)
+    axes = figure.add_subplot()
+    colours = [curve_colour(i % 20) for i in range(len(convergence.curves))]
+    for curve, colour in zip(convergence.curves, colours):
+        axes.plot(curve.steps, curve.distances, marker="o", markersize=3, color=colour,
+                  linestyle="--" if curve.stochastic else "-",
+                  label=curve.label + (" (stochastic)" if curve.stochastic else ""))
+    axes.set_yscale("log")
+    axes.set_xlabel("steps")
+    axes.set_ylabel("relative L2 of final latents")
+    axes.set_title(f"{title} ({convergence.model})\ndashed: stochastic samplers (fresh noise each step),\n"
+                   "which converge to another distribution, not to the ODE solution", fontsize=8)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    figure.savefig(path, dpi=110)

@@ -6,6 +6,8 @@ import enum
 from collections.abc import Mapping
 from pathlib import Path
 
+from benchmarks.convergence import STEP_COUNTS, TARGET_STEPS
+
 DEFAULT_PROMPTS = ("a lighthouse on a cliff at dawn", "a bowl of fruit on a wooden table, oil painting")
 DEFAULT_NEGATIVE_PROMPT = "blurry, low quality"
 PRECISIONS = ("fp32", "fp16")
@@ -32,6 +34,9 @@ class BenchConfig:
     threads: int | None = None  # intra-op threads of ONNX Runtime and torch; None: their defaults
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    sampler_repeats: int = 3  # timed runs per (backend, sampler) in the sampler table; 0: no sampler table
+    convergence_steps: tuple[int, ...] = STEP_COUNTS  # empty: no convergence run
+    convergence_target_steps: int = TARGET_STEPS  # the DDIM solution the curves converge to
     # precision -> an existing bundle of `recipe` exported from RandomWeights(seed); None: export anew
     bundles: Mapping[str, Path] | None = None
 

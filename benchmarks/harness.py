@@ -4,7 +4,8 @@
 precision, timed, with its peak memory), finds the backends this machine has, and runs one scope:
 - PIPELINE (`benchmarks.txt2img`): txt2img end to end on each backend × precision × (plain,
   step-fused) UNet, accuracy per component and end to end, latency per stage, and diffusers'
-  pipeline on the same weights as the peer baseline;
+  pipeline on the same weights as the peer baseline; then (`benchmarks.sampler_table`) every sampler
+  on each backend's plain UNet, and each sampler's convergence to a 1000-step DDIM solution;
 - UNET_STEP (`benchmarks.unet_step`): one UNet call at guidance batch 2 on eager, each graph runtime
   and the diffusers UNet, for full-size architectures.
 
@@ -24,6 +25,7 @@ import numpy as np
 from benchmarks.config import PRECISIONS, REFERENCE, BenchConfig, EngineSet, Scope
 from benchmarks.exports import ExportMeasurement, export_measured
 from benchmarks.outcome import BenchResult
+from benchmarks.sampler_table import sampler_benchmark
 from benchmarks.txt2img import txt2img_benchmark
 from benchmarks.unet_step import unet_step_benchmark
 
@@ -52,7 +54,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Be
             measured = unet_step_benchmark(config, recipe, bundles, engine_sets, log)
             return BenchResult(**common, unet_step=measured, skipped=tuple(skipped))
         outcome = txt2img_benchmark(config, recipe, bundles, engine_sets, log)
+        by_sampler = sampler_benchmark(config, recipe, bundles, engine_sets, log)
     return BenchResult(**common, components=outcome.components, variants=outcome.variants, peer=outcome.peer,
+                       samplers=by_sampler.results, convergence=by_sampler.convergence,
                        skipped=tuple(skipped) + outcome.skipped, reference_images=outcome.reference.images)
 
 

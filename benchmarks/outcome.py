@@ -7,6 +7,7 @@ import numpy as np
 
 from sdrun.gates import Verdict
 from benchmarks.config import BenchConfig, EngineSet, Variant
+from benchmarks.convergence import ConvergenceResult
 from benchmarks.exports import ExportMeasurement
 from benchmarks.latency import PipelineLatency, Stats
 
@@ -58,6 +59,24 @@ class PeerResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplerResult:
+    sampler: str  # short id
+    label: str  # as the web UIs write it
+    engines: EngineSet  # on its plain UNet
+    evaluations: int  # UNet calls per image
+    latency: Stats  # one image end to end
+    latents: dict  # final latents vs eager fp32 with the same sampler
+    image: dict  # uint8 images in [0, 1] vs eager fp32 with the same sampler
+    gate: Verdict | None  # None for eager fp32 itself
+
+    def to_dict(self) -> dict:
+        return {"sampler": self.sampler, "label": self.label, "backend": self.engines.backend,
+                "precision": self.engines.precision, "evaluations": self.evaluations,
+                "latency": self.latency.to_dict(), "accuracy": {"latents": self.latents, "image": self.image},
+                "gate": self.gate.to_dict() if self.gate else None}
+
+
+@dataclasses.dataclass(frozen=True)
 class UNetStepResult:
     label: str  # "torch fp32 (eager)", "onnxruntime fp16", "diffusers (eager)", ...
     precision: str
@@ -84,12 +103,14 @@ class BenchResult:
     variants: tuple[VariantResult, ...] = ()
     peer: PeerResult | None = None
     unet_step: tuple[UNetStepResult, ...] = ()
+    samplers: tuple[SamplerResult, ...] = ()
+    convergence: ConvergenceResult | None = None
     skipped: tuple[str, ...] = ()  # what could not run here, and why
     reference_images: np.ndarray | None = None  # (P, H, W, 3) uint8
 
     @property
     def gates(self) -> list[Verdict]:
-        found = [r.gate for r in (*self.components, *self.variants, *self.unet_step) if r.gate]
+        found = [r.gate for r in (*self.components, *self.variants, *self.samplers, *self.unet_step) if r.gate]
         return found + ([self.peer.gate] if self.peer else [])
 
     @property

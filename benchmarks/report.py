@@ -68,6 +68,8 @@ def result_dict(result: BenchResult, stamp: dict) -> dict:
         "variants": [v.to_dict() for v in result.variants],
         "peer": result.peer.to_dict() if result.peer else None,
         "unet_step": [u.to_dict() for u in result.unet_step],
+        "samplers": [r.to_dict() for r in result.samplers],
+        "convergence": result.convergence.to_dict() if result.convergence else None,
         "targets": [t.to_dict() for t in targets(result)],
         "gates": [g.to_dict() for g in result.gates],
         "passed": not result.failed_gates,
@@ -93,7 +95,8 @@ def markdown(result: BenchResult, stamp: dict) -> str:
             f"{config.warmup} warm-up. Reference: eager PyTorch fp32 (plain UNet)."]
     sections = ["## Provenance\n\n" + "\n".join(provenance.summary_lines(stamp)), exports_table(result)]
     if config.scope is Scope.PIPELINE:
-        sections += [variants_table(result), components_table(result), peer_table(result)]
+        sections += [variants_table(result), components_table(result), peer_table(result),
+                     samplers_table(result), convergence_table(result.convergence)]
     else:
         sections += [unet_step_table(result)]
     sections += [targets_table(result), gates_text(result)]
@@ -153,6 +156,35 @@ def peer_table(result: BenchResult) -> str:
                      "gate"], [row]))
 
 
+def samplers_table(result: BenchResult) -> str:
+    if not result.samplers:
+        return ""
+    rows = [[r.label, r.engines.label, str(r.evaluations), str(r.latency.samples),
+             f"{r.latency.median_ms:.1f} / {r.latency.p90_ms:.1f}",
+             f"{r.image['max_abs'] * 255:.0f}/255", _db(r.image["psnr_db"]), f"{r.latents['rel_l2']:.2e}",
+             _verdict(r.gate)] for r in result.samplers]
+    return (f"## Samplers, {result.steps} steps, plain UNet\n\nMilliseconds per image (first prompt), median / p90 "
+            "of the runs counted (ONNX Runtime fp32 is timed over several; the others run once, for the gate); "
+            "accuracy against eager fp32 with the same sampler and noise.\n\n"
+            + table(["sampler", "engines", "UNet calls", "runs", "ms med / p90", "image max abs", "PSNR dB",
+                     "latents rel L2", "gate"], rows))
+
+
+def convergence_table(convergence) -> str:
+    """Relative L2 of each sampler's final latents to the target solution, one column per step count."""
+    if convergence is None or not convergence.curves:
+        return ""
+    steps = convergence.curves[0].steps
+    rows = [[c.label + (" (stochastic)" if c.stochastic else ""), *(f"{d:.2e}" for d in c.distances)]
+            for c in convergence.curves]
+    return (f"## Convergence to {convergence.target} ({convergence.model})\n\n"
+            "Relative L2 of the final latents to the target's, same prompt, initial noise and guidance. "
+            "Stochastic samplers draw fresh noise each step and converge to another distribution, "
+            "not to this ODE solution. DDIM and PLMS keep ldm's discretization, whose first timestep lies "
+            "below 999 (951 at 20 steps), so they start from a slightly different point of the ODE and level "
+            "off.\n\n" + table(["sampler", *(f"{n} steps" for n in steps)], rows))
+
+
 def unet_step_table(result: BenchResult) -> str:
     eager = result.unet_step[0].latency.median_ms
     rows = [[r.label, f"{r.load_seconds:.1f}", f"{r.latency.median_ms:.1f} / {r.latency.p90_ms:.1f}",
@@ -191,8 +223,9 @@ def _verdict(gate) -> str:
 
 
 def write_results(result: BenchResult, out: Path, started: provenance.Started, log=print) -> dict[str, Path]:
-    """JSON, markdown and PNGs under `out`, named `<machine>-<recipe>[-unet-step]`, each stamped with the
-    provenance of the run that began at `started`; returns the paths."""
+    """JSON, markdown and PNGs (latency, images, convergence) under `out`, named
+    `<machine>-<recipe>[-unet-step]`, each stamped with the provenance of the run that began at
+    `started`; returns the paths."""
     from benchmarks import charts
     from sdrun.bundle import write_json_atomic
 
@@ -208,6 +241,10 @@ def write_results(result: BenchResult, out: Path, started: provenance.Started, l
     if result.config.scope is Scope.PIPELINE:
         paths["images"] = out / f"{stem}-images.png"
         charts.image_grid(result, paths["images"])
+    if result.convergence:
+        paths["convergence"] = out / f"{stem}-convergence.png"
+        title = f"{result.config.recipe}: distance to {result.convergence.target}"
+        charts.convergence_chart(result.convergence, title, paths["convergence"])
     for kind, path in paths.items():
         if path.suffix == ".png":
             provenance.stamp_png(path, stamp)
