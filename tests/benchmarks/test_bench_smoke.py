@@ -22,7 +22,8 @@ def bundles(tiny_bundle, tiny_bundle_fp16):
 
 
 def test_pipeline_scope_writes_json_table_chart_and_grid(bundles, tmp_path):
-    config = BenchConfig(steps=2, repeats=1, warmup=0, prompts=("a lighthouse on a cliff at dawn",), bundles=bundles)
+    config = BenchConfig(steps=2, repeats=1, warmup=0, prompts=("a lighthouse on a cliff at dawn",), bundles=bundles,
+                         sampler_repeats=1, convergence_steps=(2, 4), convergence_target_steps=50)
     started = provenance.started()
     result = run_benchmark(config, log=lambda line: None)
     paths = write_results(result, tmp_path, started, log=lambda line: None)
