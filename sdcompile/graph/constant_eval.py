@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from sdcompile.graph.surgery import producer
+from sdcompile.graph.surgery import has_subgraph, producer
 
 MAX_SUBGRAPH_NODES = 64
 MAX_CONSTANT_ELEMENTS = 1 << 20
@@ -31,10 +31,6 @@ class _Subgraph:
     nodes: tuple[gs.Node, ...]          # producers-first, Shape nodes excluded
     shape_nodes: tuple[gs.Node, ...]    # leaves whose outputs are fed as inputs
     constants: tuple[gs.Constant, ...]
-
-
-def _has_subgraph(node: gs.Node) -> bool:
-    return next(iter(node.subgraphs()), None) is not None
 
 
 def _collect(tensor: gs.Tensor) -> _Subgraph | None:
@@ -55,7 +51,7 @@ def _collect(tensor: gs.Tensor) -> _Subgraph | None:
         if node.op == "Shape" and (node.domain or "") == "":
             shape_nodes.append(node)
             return node.inputs[0].shape is not None
-        if node.op in NONDETERMINISTIC_OPS or _has_subgraph(node) or (node.domain or "") != "":
+        if node.op in NONDETERMINISTIC_OPS or has_subgraph(node) or (node.domain or "") != "":
             return False
         if len(seen) > MAX_SUBGRAPH_NODES:
             return False

@@ -85,3 +85,8 @@ class NameSource:
             name = f"{base}_{suffix}"
         self._taken.add(name)
         return name
+
+
+def has_subgraph(node: gs.Node) -> bool:
+    """Whether the node carries a subgraph attribute (If, Loop, Scan): it is left as it is."""
+    return next(iter(node.subgraphs()), None) is not None

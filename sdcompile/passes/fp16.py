@@ -27,7 +27,7 @@ from sdcompile.graph.dtypes import (FLOAT_TYPES, INTEGER_TYPES, DTYPE_ATTRIBUTE_
 from sdcompile.graph.fp16_policy import Fp16Options, IoDtype, fp32_island_nodes
 from sdcompile.graph.pass_result import GraphResult, PassResult, model_from_graph
 from sdcompile.graph.shape_inference import check_model_types
-from sdcompile.graph.surgery import NameSource, copy_graph, producer, replace_uses
+from sdcompile.graph.surgery import NameSource, copy_graph, has_subgraph, producer, replace_uses
 from sdcompile.inspection.fp16_audit import PrecisionAudit, audit_precision
 
 if TYPE_CHECKING:
@@ -138,10 +138,6 @@ def _accepted(schema, index: int) -> frozenset[int]:
     return frozenset({FP32, FP16}) if formal is None else allowed_dtypes(schema, formal)
 
 
-def _has_subgraph(node: gs.Node) -> bool:
-    return next(iter(node.subgraphs()), None) is not None
-
-
 def _touches_fp32(node: gs.Node, tied: frozenset[int], original: dict[str, int]) -> bool:
     tied_fp32 = any(original.get(node.inputs[i].name) == FP32 for i in tied
                     if i < len(node.inputs) and not node.inputs[i].is_empty())
@@ -235,7 +231,7 @@ def _cast_graph(graph: gs.Graph, options: Fp16Options) -> GraphResult:
     _retype_graph_inputs(g, options.io_dtype, dtypes)
     casts = _Casts(g, dtypes)
     for node in topological_order(g):
-        compute = FP32 if id(node) in island or _has_subgraph(node) else FP16
+        compute = FP32 if id(node) in island or has_subgraph(node) else FP16
         _convert_node(node, compute, g, casts, original)
     _retype_graph_outputs(g, options.io_dtype, casts, original)
     merge_casts(g, dtypes)
