@@ -19,8 +19,8 @@ class Scope(enum.Enum):
 
 
 class Denoise(enum.Enum):
-    PLAIN = "plain"  # UNet graph, then guidance and the DDIM update on the host
-    STEP_FUSED = "step-fused"  # one graph per step: UNet, guidance and update
+    PLAIN = "plain"  # UNet graph, then guidance and the sampler update on the host
+    STEP_FUSED = "step-fused"  # one graph per model evaluation: UNet, guidance and the sampler update
 
 
 @dataclasses.dataclass(frozen=True)

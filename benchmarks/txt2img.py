@@ -122,20 +122,20 @@ def reference_run(pipelines: dict, requests: tuple) -> Reference:
 
 def component_feeds(loaded, result) -> dict[str, dict[str, np.ndarray]]:
     """One call's inputs per component, from a reference run: its prompts' token ids; its initial noise at
-    the first timestep with the reference's text embeddings; its final latents."""
+    the first evaluation of its sampler with the reference's text embeddings; its final latents."""
+    from sdrun.sampling import draw_noises, step_feeds
+
     request = result.request
     tokens = loaded.pipeline.token_ids([request.negative_prompt, request.prompt]).ids
     context = loaded.runners["text_encoder"].run({"input_ids": tokens})["text_embeddings"].copy()
     noise = request.init_noise
-    plan = loaded.pipeline.plan(request, np.random.default_rng(0))
-    coefficients = np.array([plan.c_x[0], plan.c_out[0], plan.sigma[0]], dtype=np.float32)
+    plan = loaded.pipeline.sampler_plan(request)
+    steps = step_feeds(plan, noise, context, request.guidance, draw_noises(plan, noise.shape, np.random.default_rng(0)))
     return {
         "text_encoder": {"input_ids": tokens},
-        "unet": {"sample": np.concatenate([noise, noise]), "timestep": plan.timesteps[:1],
+        "unet": {"sample": np.concatenate([noise, noise]), "timestep": steps.rows["timestep"][0],
                  "encoder_hidden_states": context},
-        "unet_step": {"sample": noise, "timestep": plan.timesteps[:1], "encoder_hidden_states": context,
-                      "guidance": np.array([plan.guidance], dtype=np.float32), "step_coefficients": coefficients,
-                      "noise": np.zeros_like(noise)},
+        "unet_step": {"state": steps.state, "encoder_hidden_states": steps.context, **steps.evaluation(0)},
         "vae_decoder": {"latent": result.latents},
     }
 

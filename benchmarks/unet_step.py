@@ -25,11 +25,11 @@ BATCH = 2  # one prompt with guidance: [unconditional; conditional]
 def unet_step_feeds(recipe, steps: int | None, seed: int) -> dict[str, np.ndarray]:
     """The `unet` graph's inputs at the recipe's default size: N(0, 1) latents and text embeddings, and
     the first DDIM timestep of a `steps`-step schedule."""
-    from sdrun import schedulers
+    from sdrun.sampling import sampler_plan
 
     rng = np.random.default_rng(seed)
     latent = (recipe.default_height // recipe.vae_scale, recipe.default_width // recipe.vae_scale)
-    first = schedulers.ddim_table(recipe.schedule, steps or recipe.default_steps, 0.0).timesteps[:1]
+    first = sampler_plan(recipe, None, steps or recipe.default_steps, None, None, None, 7.5).timesteps[:1]
     context = (BATCH, recipe.text_encoder.context_length, recipe.unet.context_dim)
     return {"sample": rng.standard_normal((BATCH, recipe.unet.in_channels, *latent), dtype=np.float32),
             "timestep": first.astype(np.float32),

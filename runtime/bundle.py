@@ -24,7 +24,7 @@ from sdrun.recipe import Recipe, recipe_from_dict
 from sdrun.tokenizer import ClipTokenizer
 
 FORMAT = "sdcompile-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the step-fused UNet takes a sampler state and update (any sampler)
 MANIFEST_NAME = "manifest.json"
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +167,12 @@ def read_manifest(bundle: Path) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}).", fix="re-export the bundle") from None
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        recipe = data["recipe"].get("name", "NAME") if isinstance(data.get("recipe"), dict) else "NAME"
         raise UserError(f"{path} has an unsupported format.",
                         expected=f"{FORMAT} version {FORMAT_VERSION}",
                         got=f"{data.get('format')} version {data.get('format_version')}",
-                        fix="re-export the bundle with this version of sdcompile")
+                        fix=f"re-export the bundle with this version of sdcompile: sdcompile export --recipe {recipe} "
+                            f"--out {bundle} ... --force")
     try:
         return Manifest.from_dict(data)
     except UserError as err:

@@ -16,7 +16,7 @@ from sdrun.images import output_paths, parameters_text, read_image, write_png
 from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
 from sdrun.recipe import Recipe
 from sdrun.samplers import resolve_sampler
-from sdrun.sampling import LDM_DDIM
+from sdrun.sampling import DEFAULT_SAMPLER
 from sdrun.session import open_for_run, pipeline_on
 
 
@@ -32,7 +32,7 @@ class GenerateJob:
     height: int | None = None
     width: int | None = None
     batch: int = 1
-    eta: float = 0.0
+    eta: float | None = None  # DDIM only; None: 0
     backend: str = "auto"
     init_noise: Path | None = None
     image: Path | None = None
@@ -52,7 +52,7 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     _check_output(job.out)
     options = backend_options(job)
     img2img = job.image is not None
-    bundle = open_for_run(job.bundle, img2img=img2img, sampler=job.sampler, karras=job.karras, spacing=job.spacing)
+    bundle = open_for_run(job.bundle, img2img=img2img)
     request = complete_request(_request(job, bundle.recipe), bundle.recipe)
     with stage(f"loading the {job.backend} backend"):
         loaded = pipeline_on(bundle, job.backend, options, echo)
@@ -68,7 +68,7 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     with stage("writing the PNG"):
         paths = write_images(job.out, result, bundle, backend, img2img)
     if not job.quiet:
-        echo(timing_table(result.timer, request.steps if not img2img else None, loaded.load_seconds))
+        echo(timing_table(result.timer, None, loaded.load_seconds))
     return paths
 
 
@@ -143,7 +143,7 @@ def _load_noise(path: Path) -> np.ndarray:
 
 def sampler_label(sampler: str | None, karras: bool | None) -> str:
     """The sampler as the web UIs name it in PNG parameters ("DPM++ 2M Karras")."""
-    chosen = resolve_sampler(sampler or LDM_DDIM)
+    chosen = resolve_sampler(sampler or DEFAULT_SAMPLER)
     return chosen.label + (" Karras" if karras and not chosen.karras else "")
 
 

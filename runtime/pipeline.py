@@ -1,10 +1,10 @@
-"""txt2img / img2img: tokenize ▶ text encoder ▶ DDIM loop ▶ VAE decode, written once for every backend.
+"""txt2img / img2img: tokenize ▶ text encoder ▶ sampler loop ▶ VAE decode, written once for every backend.
 
 Numerics only: no file I/O here (the CLI reads and writes files), no RNG beyond the
 documented generator seeded by the caller: `numpy.random.default_rng(seed)` draws, in this
 order, the initial latents (txt2img) or the posterior and forward-noising noise (img2img, drawn
-even when --init-noise replaces the latter), then one noise tensor per step that takes noise
-(DDIM with eta > 0; per model evaluation for the stochastic samplers) — all
+even when --init-noise replaces the latter), then one noise tensor per model evaluation whose
+update takes noise (DDIM with eta > 0, the ancestral and SDE samplers, LCM) — all
 `standard_normal(..., dtype=float32)`. img2img with DDIM keeps ldm's strength semantics; with
 any other sampler diffusers' (`sdrun.samplers.registry.img2img_first_step`).
 """
@@ -16,12 +16,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from sdrun import schedulers
-from sdrun.backends.base import DenoisePlan, GraphRunner, StageTimer
+from sdrun.backends.base import GraphRunner, StageTimer
 from sdrun.bundle import Bundle, Manifest
 from sdrun.errors import UserError
 from sdrun.recipe import Recipe, ShapeRange
-from sdrun.sampling import is_planned, sample_plan, sampler_plan
+from sdrun.sampling import draw_noises, sample_plan, sampler_plan, step_feeds
 from sdrun.tokenizer import TokenizedBatch
 
 
@@ -35,7 +34,7 @@ class GenerationRequest:
     height: int | None = None  # None: the recipe's default (pixels)
     width: int | None = None
     batch: int = 1
-    eta: float = 0.0
+    eta: float | None = None  # DDIM only; None: 0 (deterministic)
     init_noise: np.ndarray | None = None  # (batch, 4, h, w) float32 instead of the seeded draw
     image: np.ndarray | None = None  # img2img input (batch or 1, 3, H, W) float32 in [-1, 1]
     strength: float = 0.75  # img2img: fraction of the schedule re-run
@@ -81,10 +80,9 @@ class Pipeline:
         tokenizer = self.bundle.manifest.tokenizer
         return self.bundle.tokenizer(prompts, tokenizer["pad_id"], tokenizer["context_length"])
 
-    def plan(self, request: GenerationRequest, rng: np.random.Generator, table=None) -> DenoisePlan:
-        """The per-step coefficients of a completed request (its DDIM table unless `table` is given)."""
-        table = table or ddim_table_of(self.recipe, request.steps, request.eta)
-        return denoise_plan(table, self.recipe, request.guidance, rng, latent_shape(request, self.recipe))
+    def sampler_plan(self, request: GenerationRequest):
+        """The sampler plan of a completed request (img2img: of the steps its strength keeps)."""
+        return request_plan(request, self.recipe, img2img=request.image is not None)
 
     def generate(self, request: GenerationRequest,
                  on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -93,42 +91,33 @@ class Pipeline:
         started = time.perf_counter()
         rng = np.random.default_rng(request.seed)
         context, dropped = self._encode_prompts(request)
-        if is_planned(request.sampler, request.karras, request.spacing):
-            return self._generate_planned(request, context, dropped, rng, on_step, started)
-        table = ddim_table_of(self.recipe, request.steps, request.eta)
-        if request.image is None:
-            latents = self._initial_noise(request, rng)
-        else:
-            latents, table = self._img2img_start(request, table, rng)
-        plan = self.plan(request, rng, table)
-        start = time.perf_counter()
-        latents = self._denoise(latents, context, plan, on_step)
-        self.timer.add("denoise", time.perf_counter() - start)
-        decoded = self._decode(latents)
-        self.timer.add("total", time.perf_counter() - started)
-        return GenerationResult(to_uint8(decoded), latents, decoded, request, self.timer, dropped, self.step_fused)
-
-    def _generate_planned(self, request, context, dropped, rng, on_step, started) -> GenerationResult:
-        plan = planned_request_plan(request, self.recipe, img2img=request.image is not None)
+        plan = self.sampler_plan(request)
         if request.image is None:
             x0, noise = None, self._initial_noise(request, rng)
         else:
             x0, noise = self._img2img_latents(request, rng)
+        noises = draw_noises(plan, noise.shape, rng)
         start = time.perf_counter()
-        latents = sample_plan(plan, self.runners, noise, context, request.guidance, rng, on_step, x0)
+        latents = self._denoise(plan, noise, x0, context, request.guidance, noises, on_step)
         self.timer.add("denoise", time.perf_counter() - start)
         decoded = self._decode(latents)
         self.timer.add("total", time.perf_counter() - started)
-        return GenerationResult(to_uint8(decoded), latents, decoded, request, self.timer, dropped, False,
+        return GenerationResult(to_uint8(decoded), latents, decoded, request, self.timer, dropped, self.step_fused,
                                 plan.warnings)
 
-    def _denoise(self, latents: np.ndarray, context: np.ndarray, plan: DenoisePlan, on_step) -> np.ndarray:
+    def _denoise(self, plan, noise, x0, context, guidance, noises, on_step) -> np.ndarray:
+        def progress(e: int, x: np.ndarray) -> None:
+            check_finite(x, f"evaluation {e + 1}/{len(plan)} of {plan.name}")
+            if on_step:
+                on_step(e + 1, len(plan))
+
         if self.resident_loop is None:
-            return denoise(self.runners, latents, context, plan, self.step_fused, on_step)
+            return sample_plan(plan, self.runners, noise, context, guidance, noises, progress, x0)
+        feeds = step_feeds(plan, noise, context, guidance, noises, x0)
         start = time.perf_counter()
-        latents = self.resident_loop(latents, context, plan, on_step)
-        self.timer.add("graph:unet_step", time.perf_counter() - start, calls=plan.steps)
-        check_finite(latents, f"the {plan.steps}-step denoising loop")
+        latents = self.resident_loop(feeds, on_step)
+        self.timer.add("graph:unet_step", time.perf_counter() - start, calls=len(plan))
+        check_finite(latents, f"the {len(plan)}-evaluation {plan.name} loop")
         return latents
 
     def _encode_prompts(self, request: GenerationRequest) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -147,12 +136,6 @@ class Pipeline:
         if request.init_noise is not None:
             return np.ascontiguousarray(request.init_noise, dtype=np.float32)
         return rng.standard_normal(shape, dtype=np.float32)
-
-    def _img2img_start(self, request, table, rng) -> tuple[np.ndarray, schedulers.DDIMTable]:
-        """Encode the image, sample its posterior and noise it to step t_enc (ldm img2img)."""
-        x0, noise = self._img2img_latents(request, rng)
-        t_enc = schedulers.img2img_start(request.steps, request.strength)
-        return schedulers.q_sample_ddim(x0, noise, table, t_enc), schedulers.img2img_table(table, t_enc)
 
     def _img2img_latents(self, request, rng) -> tuple[np.ndarray, np.ndarray]:
         """(x_0, z): a posterior sample of the encoded image and the unit forward noise, both (B, 4, h, w)."""
@@ -173,45 +156,6 @@ class Pipeline:
         self.timer.add("vae_decoder", time.perf_counter() - start)
         check_finite(images, "VAE decoder")
         return images
-
-
-def denoise(runners: dict[str, GraphRunner], x: np.ndarray, context: np.ndarray, plan: DenoisePlan,
-            fused: bool, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """The DDIM loop: one step-fused graph call per step, or UNet + guidance + update on the host."""
-    if fused and not plan.uses_cfg:
-        context = np.concatenate([context, context])  # the fused graph always guides: [cond; cond]
-    zeros = np.zeros_like(x)
-    for i in range(plan.steps):
-        timestep = plan.timesteps[i:i + 1]
-        noise = plan.noise[i] if plan.noise is not None else zeros
-        if fused:
-            coefficients = np.array([plan.c_x[i], plan.c_out[i], plan.sigma[i]], dtype=np.float32)
-            x = runners["unet_step"].run({
-                "sample": x, "timestep": timestep, "encoder_hidden_states": context,
-                "guidance": np.array([plan.guidance], dtype=np.float32),
-                "step_coefficients": coefficients, "noise": noise})["latent"].copy()
-        else:
-            sample = np.concatenate([x, x]) if plan.uses_cfg else x
-            output = runners["unet"].run({"sample": sample, "timestep": timestep,
-                                          "encoder_hidden_states": context})["latent"]
-            guided = schedulers.classifier_free_guidance(*np.split(output, 2), plan.guidance) \
-                if plan.uses_cfg else output
-            x = (plan.c_x[i] * x + plan.c_out[i] * guided + plan.sigma[i] * noise).astype(np.float32)
-        check_finite(x, f"denoising step {i + 1}/{plan.steps}")
-        if on_step:
-            on_step(i + 1, plan.steps)
-    return x
-
-
-def denoise_plan(table: schedulers.DDIMTable, recipe: Recipe, guidance: float, rng: np.random.Generator,
-                 latent_shape: tuple[int, ...]) -> DenoisePlan:
-    c_x, c_out = schedulers.ddim_step_coefficients(table.a_t, table.a_prev, table.sigma, recipe.parameterization)
-    noise = None
-    if np.any(table.sigma > 0):
-        noise = rng.standard_normal((len(table), *latent_shape), dtype=np.float32)
-    return DenoisePlan(timesteps=table.timesteps.astype(np.float32), c_x=c_x.astype(np.float32),
-                       c_out=c_out.astype(np.float32), sigma=table.sigma.astype(np.float32),
-                       guidance=float(guidance), noise=noise)
 
 
 def complete_request(request: GenerationRequest, recipe: Recipe) -> GenerationRequest:
@@ -236,10 +180,7 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
     if not batch.min <= request.batch <= batch.max:
         raise UserError("batch is outside the bundle's profile.", expected=f"{batch.min}..{batch.max}",
                         got=str(request.batch), fix="lower --batch or widen shapes.batch in the recipe")
-    if is_planned(request.sampler, request.karras, request.spacing):
-        _check_planned(request, recipe, img2img)
-    elif img2img:
-        schedulers.img2img_start(request.steps, request.strength)
+    request_plan(request, recipe, img2img)  # every sampler option, strength included (milliseconds)
     if request.guidance < 1.0:
         raise UserError("guidance must be >= 1.", got=str(request.guidance), fix="use 1 (off) or e.g. 7.5")
     if request.init_noise is not None:
@@ -250,13 +191,7 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
                             fix="save (batch, 4, height/8, width/8) float32 noise with numpy.save")
 
 
-def _check_planned(request: GenerationRequest, recipe: Recipe, img2img: bool) -> None:
-    """Every sampler option (img2img strength included) is checked by building its plan (milliseconds)
-    before any heavy work."""
-    planned_request_plan(request, recipe, img2img)
-
-
-def planned_request_plan(request: GenerationRequest, recipe: Recipe, img2img: bool):
+def request_plan(request: GenerationRequest, recipe: Recipe, img2img: bool):
     """The sampler plan of a request; for img2img, of the steps `request.strength` keeps."""
     strength = request.strength if img2img else None
     return sampler_plan(recipe, request.sampler, request.steps, request.karras, request.spacing, request.eta,
@@ -312,6 +247,3 @@ def needed_components(manifest: Manifest, step_fusion: bool | None, img2img: boo
     fused = "unet_step" in manifest.components if step_fusion is None else step_fusion
     return ["text_encoder", "unet_step" if fused else "unet", "vae_decoder", *(["vae_encoder"] if img2img else [])]
 
-
-def ddim_table_of(recipe: Recipe, steps: int, eta: float) -> schedulers.DDIMTable:
-    return schedulers.ddim_table(recipe.schedule, steps, eta)

@@ -1,39 +1,45 @@
-"""The host loop of any sampler plan (`sdrun.samplers`) over the plain UNet runner, with guidance.
+"""The denoising loop of any sampler plan (`sdrun.samplers`), on the plain or the step-fused UNet.
 
-DDIM at ldm's discretization keeps its own path (`sdrun.pipeline.denoise`), which the step-fused
-graph also serves; every other sampler runs here: per model evaluation, the UNet sees
-c_in·state[0] at the plan's (possibly fractional) timestep, classifier-free guidance combines the
-two halves, and the plan's linear update advances the state. Noise is drawn from the request's
-generator after the initial latents (img2img: after the posterior and forward noise), one tensor
-per evaluation whose update takes noise.
+Per model evaluation e the UNet sees c_in[e]·state[0] at the plan's (possibly fractional)
+timestep, classifier-free guidance combines the two halves (Ho & Salimans 2022), and the plan's
+linear update advances the state. With the plain UNet guidance and the update run on the host
+(`run_plan`); the step-fused graph runs both (`run_fused`: one call per evaluation, its rows in
+`StepFeeds`), and a backend may run that whole loop on its device (`ResidentLoop`, TensorRT).
+Noise is drawn from the request's generator after the initial latents (img2img: after the
+posterior and forward noise), one tensor per evaluation whose update takes noise.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from sdrun import schedulers
 from sdrun.backends.base import GraphRunner
-from sdrun.errors import UserError
 from sdrun.recipe import Recipe
 from sdrun.samplers import make_plan, resolve_sampler
-from sdrun.samplers.plan import Plan, run_plan
+from sdrun.samplers.plan import STATE_WIDTH, Plan, fused_update_rows, initial_state, run_plan
 
-LDM_DDIM = "ddim"
-
-
-def is_planned(sampler: str | None, karras: bool | None, spacing: str | None) -> bool:
-    """Whether a request runs through a sampler plan rather than ldm's DDIM path."""
-    return resolve_sampler(sampler or LDM_DDIM).id != LDM_DDIM or bool(karras) or spacing is not None
+DEFAULT_SAMPLER = "ddim"
+FUSED = "unet_step"
+PER_EVALUATION = ("timestep", "input_scale", "guidance", "update", "noise")  # step-fused inputs, one row each
 
 
 def sampler_plan(recipe: Recipe, sampler: str | None, steps: int, karras: bool | None, spacing: str | None,
-                 eta: float, guidance: float, strength: float | None = None) -> Plan:
-    """The plan of the request's sampler; eta only where the sampler takes it (DDIM); `strength`: img2img."""
-    chosen = resolve_sampler(sampler or LDM_DDIM)
-    return make_plan(chosen, recipe.schedule, recipe.parameterization, steps, karras=karras, spacing=spacing,
-                     eta=eta if chosen.id == LDM_DDIM else None, guidance=guidance, strength=strength)
+                 eta: float | None, guidance: float, strength: float | None = None) -> Plan:
+    """The plan of a request's sampler (None: DDIM); `eta` None: the sampler's default; `strength`: img2img."""
+    return make_plan(resolve_sampler(sampler or DEFAULT_SAMPLER), recipe.schedule, recipe.parameterization, steps,
+                     karras=karras, spacing=spacing, eta=eta, guidance=guidance, strength=strength)
+
+
+def classifier_free_guidance(uncond: np.ndarray, cond: np.ndarray, scale: float) -> np.ndarray:
+    """Guided model output uncond + scale·(cond - uncond) (Ho & Salimans 2022), for ε or v alike."""
+    return uncond + scale * (cond - uncond)
+
+
+def draw_noises(plan: Plan, shape: tuple[int, ...], rng: np.random.Generator) -> list[np.ndarray | None]:
+    """One unit-variance (B, C, h, w) tensor per evaluation whose update takes noise, in order."""
+    return [rng.standard_normal(shape, dtype=np.float32) if needed else None for needed in plan.needs_noise]
 
 
 def guided_model(unet: GraphRunner, context: np.ndarray, guidance: float) -> Callable:
@@ -45,28 +51,57 @@ def guided_model(unet: GraphRunner, context: np.ndarray, guidance: float) -> Cal
         feeds = {"sample": sample.astype(np.float32), "timestep": np.array([timestep], np.float32),
                  "encoder_hidden_states": context}
         output = unet.run(feeds)["latent"]
-        return schedulers.classifier_free_guidance(*np.split(output, 2), guidance) if guided else output.copy()
+        return classifier_free_guidance(*np.split(output, 2), guidance) if guided else output.copy()
 
     return model
 
 
+@dataclasses.dataclass(frozen=True)
+class StepFeeds:
+    """Everything the step-fused loop is fed, computed on the host before it starts."""
+
+    state: np.ndarray  # (W, B, C, h, w) float32, the initial state padded to STATE_WIDTH
+    context: np.ndarray  # (2B, L, D) float32 [uncond; cond], or [cond; cond] without guidance
+    rows: dict[str, np.ndarray]  # PER_EVALUATION name -> (E, *shape) float32; row e feeds evaluation e
+
+    def __len__(self) -> int:
+        return len(self.rows["timestep"])
+
+    def evaluation(self, e: int) -> dict[str, np.ndarray]:
+        return {name: rows[e] for name, rows in self.rows.items()}
+
+
+def step_feeds(plan: Plan, init_noise: np.ndarray, context: np.ndarray, guidance: float,
+               noises: list[np.ndarray | None], x0: np.ndarray | None = None) -> StepFeeds:
+    """The step-fused graph's inputs for every evaluation of `plan` (zero noise where none is drawn)."""
+    state = np.zeros((STATE_WIDTH, *init_noise.shape), np.float32)
+    state[:plan.width] = np.stack(initial_state(plan, init_noise.astype(np.float32), x0))
+    if guidance == 1.0:
+        context = np.concatenate([context, context])  # the fused graph always guides
+    zeros = np.zeros(init_noise.shape, np.float32)
+    count = len(plan)
+    rows = {"timestep": plan.timesteps.reshape(count, 1), "input_scale": plan.c_in.reshape(count, 1),
+            "guidance": np.full((count, 1), guidance), "update": fused_update_rows(plan),
+            "noise": np.stack([zeros if z is None else z for z in noises])}
+    return StepFeeds(state, context, {name: np.ascontiguousarray(rows[name], np.float32) for name in PER_EVALUATION})
+
+
+def run_fused(step: GraphRunner, feeds: StepFeeds, on_evaluation: Callable[[int, np.ndarray], None]) -> np.ndarray:
+    """The host-driven step-fused loop: one graph call per evaluation; the final latents (B, C, h, w)."""
+    state = feeds.state
+    for e in range(len(feeds)):
+        state = step.run({"state": state, "encoder_hidden_states": feeds.context,
+                          **feeds.evaluation(e)})["next_state"].copy()
+        on_evaluation(e, state[0])
+    return state[0]
+
+
 def sample_plan(plan: Plan, runners: Mapping[str, GraphRunner], init_noise: np.ndarray, context: np.ndarray,
-                guidance: float, rng: np.random.Generator, on_step=None, x0: np.ndarray | None = None) -> np.ndarray:
+                guidance: float, noises: list[np.ndarray | None],
+                on_evaluation: Callable[[int, np.ndarray], None], x0: np.ndarray | None = None) -> np.ndarray:
     """Final latents of `plan` from unit-variance `init_noise` (B, C, h, w) and, for img2img, the
-    encoded image `x0` (B, C, h, w)."""
-    if "unet" not in runners:
-        raise UserError(f"the {plan.name} sampler runs with the plain UNet, and this pipeline loaded the "
-                        "step-fused one only.", fix="load the pipeline with step_fusion=False (sdrun does for "
-                                                    "samplers other than DDIM)")
-    noises = [rng.standard_normal(init_noise.shape, dtype=np.float32) if needed else None
-              for needed in plan.needs_noise]
-
-    def progress(e: int, x: np.ndarray) -> None:
-        if not np.isfinite(x).all():
-            raise UserError(f"non-finite values (NaN/inf) appeared at evaluation {e + 1}/{len(plan)} of "
-                            f"{plan.name}.", fix="re-export in fp32, or keep more nodes in fp32 islands")
-        if on_step:
-            on_step(e + 1, len(plan))
-
+    encoded image `x0` (B, C, h, w), on the step-fused UNet when `runners` has it, else the plain one."""
+    if FUSED in runners:
+        return run_fused(runners[FUSED], step_feeds(plan, init_noise, context, guidance, noises, x0), on_evaluation)
     model = guided_model(runners["unet"], context, guidance)
-    return run_plan(plan, model, init_noise, noises, progress, x0).astype(np.float32)
+    return run_plan(plan, model, init_noise, noises, on_evaluation, x0).astype(np.float32)

@@ -13,7 +13,6 @@ from sdrun.backends import BackendOptions, make_runners, resolve_backend
 from sdrun.backends.base import GraphRunner
 from sdrun.bundle import Bundle, open_bundle
 from sdrun.pipeline import Pipeline, needed_components
-from sdrun.sampling import is_planned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,19 +23,13 @@ class LoadedPipeline:
     load_seconds: float  # making the runners (sessions, engines, eager models)
 
 
-def open_for_run(path: Path, step_fusion: bool | None = None, img2img: bool = False, sampler: str | None = None,
-                 karras: bool | None = None, spacing: str | None = None) -> Bundle:
+def open_for_run(path: Path, step_fusion: bool | None = None, img2img: bool = False) -> Bundle:
     """The bundle with the files of the components such a run loads verified.
 
-    `step_fusion`: None uses the step-fused UNet when the bundle has it and the sampler (None: the
-    recipe's default) runs on it; True requires it; False loads the plain UNet (guidance and the
-    update on the host).
+    `step_fusion`: None uses the step-fused UNet when the bundle has it (it runs every sampler);
+    True requires it; False loads the plain UNet (guidance and the update on the host).
     """
-    def needs(manifest):
-        planned = is_planned(sampler or manifest.recipe.default_sampler, karras, spacing)
-        return needed_components(manifest, False if planned else step_fusion, img2img)
-
-    return open_bundle(path, needs)
+    return open_bundle(path, lambda manifest: needed_components(manifest, step_fusion, img2img))
 
 
 def pipeline_on(bundle: Bundle, backend: str, options: BackendOptions = BackendOptions(),

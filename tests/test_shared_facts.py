@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import sdcompile.recipes
 import sdcompile.trt_profiles
-from sdrun import engine_files, gates, recipe, schedulers
+from sdrun import engine_files, gates, recipe
+from sdrun.samplers import discretize
 from sdrun.bundle import read_manifest
 
 
 def test_the_compiler_uses_the_runtimes_types_and_constants():
     assert sdcompile.recipes.Recipe is recipe.Recipe
-    assert sdcompile.recipes.Parameterization is recipe.Parameterization is schedulers.Parameterization
+    assert sdcompile.recipes.Parameterization is recipe.Parameterization is discretize.Parameterization
     assert sdcompile.recipes.DDPMSchedule is recipe.DDPMSchedule
     assert sdcompile.trt_profiles.LEVELS is engine_files.LEVELS
 

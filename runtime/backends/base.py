@@ -1,9 +1,9 @@
-"""The one protocol every backend implements, and the plan the denoising loop follows.
+"""The one protocol every backend implements, and the timer the pipeline keeps.
 
 A backend is a set of graph runners, one per bundle component, each taking and returning
 named numpy arrays. ONNX Runtime, TensorRT and eager PyTorch differ only in how they make
 runners (`sdrun.backends.BACKENDS`); the loop (`sdrun.pipeline`), classifier-free guidance
-and the sampler update (`sdrun.schedulers`) never live in a backend.
+and the sampler update (`sdrun.sampling`, `sdrun.samplers`) never live in a backend.
 """
 from __future__ import annotations
 
@@ -23,31 +23,6 @@ class GraphRunner(Protocol):
     rebuild_hint: str
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class DenoisePlan:
-    """Everything the loop needs, computed on the host before it starts.
-
-    Step i maps x to c_x[i]·x + c_out[i]·guided_model_output + sigma[i]·noise[i]
-    (DDIM, Song et al. 2021, eq. 12, written linearly in x and the model output).
-    """
-
-    timesteps: np.ndarray  # (S,) float32, in sampling order
-    c_x: np.ndarray  # (S,) float32
-    c_out: np.ndarray  # (S,) float32
-    sigma: np.ndarray  # (S,) float32
-    guidance: float
-    noise: np.ndarray | None = None  # (S, B, C, h, w) float32 when eta > 0
-
-    @property
-    def steps(self) -> int:
-        return len(self.timesteps)
-
-    @property
-    def uses_cfg(self) -> bool:
-        """Guidance 1 is the conditional prediction alone: the unconditional half is skipped."""
-        return self.guidance != 1.0
 
 
 @dataclasses.dataclass

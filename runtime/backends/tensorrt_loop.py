@@ -1,19 +1,21 @@
-"""The whole denoising loop on the GPU: the step-fused UNet engine called once per step, every tensor resident.
+"""The whole denoising loop on the GPU: the step-fused UNet engine called once per model evaluation, every
+tensor resident.
 
-Before the loop, one upload each: the initial latents, the text embeddings, and a table of the
-per-step inputs with one row per step (timestep, guidance, the three step coefficients, and the
-step's noise when the sampler draws any; zeros otherwise). Step i points the engine's per-step
-inputs at row i of the table (`set_tensor_address`, no copy) and alternates two latent buffers:
-the output of step i is the sample of step i + 1. Only the final latents come back to the host.
-Host staging buffers are page-locked, so each copy is one DMA.
+Before the loop, one upload each: the initial sampler state, the text embeddings, and a table of
+the per-evaluation inputs with one row per evaluation (timestep, input scale, guidance, the
+plan's update matrix, and the evaluation's noise; zeros where the sampler draws none), all from
+`sdrun.sampling.StepFeeds`. Evaluation i points the engine's per-evaluation inputs at row i of
+the table (`set_tensor_address`, no copy) and alternates two state buffers: the next state of
+evaluation i is the state of i + 1. Only the final latents (slot 0 of the last state) come back
+to the host. Host staging buffers are page-locked, so each copy is one DMA.
 
 With `cuda_graph` (static-shape engines only, whose addresses and shapes never change), step 0
-runs plainly (TensorRT's lazy setup happens then), and one CUDA graph per latent-buffer parity is
+runs plainly (TensorRT's lazy setup happens then), and one CUDA graph per state-buffer parity is
 captured from the stream; each later step copies its table row into fixed input buffers on the
 device and replays the graph of its parity, as NVIDIA's TensorRT diffusion demo replays a
 captured UNet. Results are checked for NaN/inf once, after the loop.
 
-The coefficients come from the host-side sampler (`DenoisePlan`); nothing here knows a sampler.
+The rows come from the host-side sampler plan; nothing here knows a sampler.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from sdrun.backends.base import DenoisePlan
 from sdrun.errors import UserError
+from sdrun.sampling import PER_EVALUATION, StepFeeds
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -33,31 +35,20 @@ if TYPE_CHECKING:
     from sdrun.backends.cuda import Cuda
     from sdrun.backends.tensorrt_runner import TensorRTRunner
 
-SAMPLE, OUTPUT, CONTEXT = "sample", "latent", "encoder_hidden_states"
-PER_STEP = ("timestep", "guidance", "step_coefficients", "noise")  # inputs that change every step
+SAMPLE, OUTPUT, CONTEXT = "state", "next_state", "encoder_hidden_states"
 
 
 # --- pure host-side parts (tested without a GPU) --------------------------------------------------------
 
 
-def step_table(plan: DenoisePlan, latent_shape: tuple[int, ...], dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
-    """Per-step input name -> (S, *shape) array in the engine's dtype; row i is what the fused graph's
-    `denoise` call gets at step i (zero noise for a deterministic sampler)."""
-    steps = plan.steps
-    noise = plan.noise if plan.noise is not None else np.zeros((steps, *latent_shape), np.float32)
-    coefficients = np.stack([plan.c_x, plan.c_out, plan.sigma], axis=1)  # (S, 3)
-    rows = {"timestep": plan.timesteps.reshape(steps, 1), "guidance": np.full((steps, 1), plan.guidance),
-            "step_coefficients": coefficients, "noise": noise}
-    return {name: np.ascontiguousarray(rows[name], dtype=dtypes[name]) for name in PER_STEP}
+def step_table(feeds: StepFeeds, dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    """Per-evaluation input name -> (E, *shape) array in the engine's dtype; row i is what the host-driven
+    loop (`sdrun.sampling.run_fused`) feeds evaluation i."""
+    return {name: np.ascontiguousarray(feeds.rows[name], dtype=dtypes[name]) for name in PER_EVALUATION}
 
 
-def guided_context(context: np.ndarray, plan: DenoisePlan) -> np.ndarray:
-    """The fused graph always guides: without CFG it gets [cond; cond]."""
-    return context if plan.uses_cfg else np.concatenate([context, context])
-
-
-def latent_buffers_of(step: int) -> tuple[int, int]:
-    """(sample buffer, output buffer) of `step` among the two latent buffers."""
+def state_buffers_of(step: int) -> tuple[int, int]:
+    """(state buffer, next-state buffer) of `step` among the two state buffers."""
     return step % 2, (step + 1) % 2
 
 
@@ -112,21 +103,22 @@ def capture_step(cuda: Cuda, context: trt.IExecutionContext, stream):
 
 @dataclasses.dataclass
 class LoopBuffers:
-    """Device memory of one loop shape: two latent buffers, the context, the step table and fixed step inputs."""
+    """Device memory of one loop shape: two state buffers, the context, the step table and fixed step inputs."""
 
-    latents: tuple[int, int]
+    states: tuple[int, int]  # the two (W, B, C, h, w) state buffers
     context: int
     table: dict[str, int]  # per-step input -> base of its (S, ...) table
     fixed: dict[str, int]  # per-step input -> one row's buffer (CUDA-graph replays read these)
     extra_outputs: dict[str, int]  # engine outputs the loop does not read
-    host_latents: np.ndarray  # pinned (B, C, h, w) staging for the first upload and the final download
+    host_state: np.ndarray  # pinned (W, B, C, h, w) staging of the initial state
+    host_latents: np.ndarray  # pinned (B, C, h, w) staging of the final download (slot 0 of the last state)
     host_context: np.ndarray  # pinned staging of the text embeddings
     host_table: dict[str, np.ndarray]  # pinned staging of the step table
     graphs: dict[int, tuple] = dataclasses.field(default_factory=dict)  # parity -> (graph, executable graph)
 
 
 class ResidentLoop:
-    """`denoise(x, context, plan, on_step)` for a step-fused UNet TensorRT runner."""
+    """`loop(feeds, on_step)` -> final latents, for a step-fused UNet TensorRT runner."""
 
     def __init__(self, runner: TensorRTRunner, cuda_graph: bool = False):
         if cuda_graph and not is_static_profile(runner.profile):
@@ -137,50 +129,51 @@ class ResidentLoop:
         self.pinned = PinnedArrays(self.cuda)
         self._buffers: dict[tuple, LoopBuffers] = {}
 
-    def __call__(self, x: np.ndarray, context: np.ndarray, plan: DenoisePlan,
-                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        context = guided_context(context, plan)
-        table = step_table(plan, x.shape, self.runner.dtypes)
-        self._set_shapes(x.shape, context.shape, table)  # the runner's `run` may have set others since
-        buffers = self._prepared(x.shape, context.shape, plan.steps, table)
-        self._upload(buffers, x, context, table)
-        for step in range(plan.steps):
+    def __call__(self, feeds: StepFeeds, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        state, context, steps = feeds.state, feeds.context, len(feeds)
+        table = step_table(feeds, self.runner.dtypes)
+        self._set_shapes(state.shape, context.shape, table)  # the runner's `run` may have set others since
+        buffers = self._prepared(state.shape, context.shape, steps, table)
+        self._upload(buffers, state, context, table)
+        for step in range(steps):
             self._step(buffers, table, step)
             if on_step:
-                on_step(step + 1, plan.steps)  # enqueued; the stream runs ahead of the host
-        final = latent_buffers_of(plan.steps - 1)[1]
-        self.cuda.to_host(buffers.host_latents, buffers.latents[final], self.stream)
+                on_step(step + 1, steps)  # enqueued; the stream runs ahead of the host
+        final = state_buffers_of(steps - 1)[1]
+        self.cuda.to_host(buffers.host_latents, buffers.states[final], self.stream)  # slot 0 comes first
         self.cuda.synchronize(self.stream)
         return buffers.host_latents.astype(np.float32, copy=True)
 
-    def _prepared(self, latent: tuple, context: tuple, steps: int, table: dict[str, np.ndarray]) -> LoopBuffers:
-        key = (latent, context, steps)
+    def _prepared(self, state: tuple, context: tuple, steps: int, table: dict[str, np.ndarray]) -> LoopBuffers:
+        key = (state, context, steps)
         if key not in self._buffers:
-            self._buffers[key] = self._allocate(latent, context, table)
+            self._buffers[key] = self._allocate(state, context, table)
         return self._buffers[key]
 
-    def _set_shapes(self, latent: tuple, context: tuple, table: dict[str, np.ndarray]) -> None:
-        shapes = {SAMPLE: latent, CONTEXT: context, **{name: rows.shape[1:] for name, rows in table.items()}}
+    def _set_shapes(self, state: tuple, context: tuple, table: dict[str, np.ndarray]) -> None:
+        shapes = {SAMPLE: state, CONTEXT: context, **{name: rows.shape[1:] for name, rows in table.items()}}
         for name, shape in shapes.items():
             self.runner.set_input_shape(name, shape)
 
-    def _allocate(self, latent: tuple, context: tuple, table: dict[str, np.ndarray]) -> LoopBuffers:
+    def _allocate(self, state: tuple, context: tuple, table: dict[str, np.ndarray]) -> LoopBuffers:
         """Buffers for one loop shape; the engine's input shapes must be set already."""
         runner, malloc = self.runner, self.runner.group.allocations.malloc
-        latent_bytes = math.prod(latent) * runner.dtypes[SAMPLE].itemsize
+        state_bytes = math.prod(state) * runner.dtypes[SAMPLE].itemsize
         extra = {name: malloc(nbytes) for name, nbytes in runner.unread_output_bytes({OUTPUT}).items()}
         return LoopBuffers(
-            latents=(malloc(latent_bytes), malloc(latent_bytes)),
+            states=(malloc(state_bytes), malloc(state_bytes)),
             context=malloc(math.prod(context) * runner.dtypes[CONTEXT].itemsize),
             table={name: malloc(rows.nbytes) for name, rows in table.items()},
             fixed={name: malloc(rows.nbytes // rows.shape[0]) for name, rows in table.items()},
-            extra_outputs=extra, host_latents=self.pinned.empty(latent, runner.dtypes[SAMPLE]),
+            extra_outputs=extra, host_state=self.pinned.empty(state, runner.dtypes[SAMPLE]),
+            host_latents=self.pinned.empty(state[1:], runner.dtypes[SAMPLE]),
             host_context=self.pinned.empty(context, runner.dtypes[CONTEXT]),
             host_table={name: self.pinned.empty(rows.shape, rows.dtype) for name, rows in table.items()})
 
-    def _upload(self, buffers: LoopBuffers, x: np.ndarray, context: np.ndarray, table: dict[str, np.ndarray]) -> None:
+    def _upload(self, buffers: LoopBuffers, state: np.ndarray, context: np.ndarray,
+                table: dict[str, np.ndarray]) -> None:
         """One host-to-device copy each, through the page-locked staging of this loop shape."""
-        pairs = [(buffers.host_latents, x, buffers.latents[0]), (buffers.host_context, context, buffers.context)]
+        pairs = [(buffers.host_state, state, buffers.states[0]), (buffers.host_context, context, buffers.context)]
         pairs += [(buffers.host_table[name], rows, buffers.table[name]) for name, rows in table.items()]
         for staging, array, device in pairs:
             np.copyto(staging, array, casting="unsafe")
@@ -208,8 +201,8 @@ class ResidentLoop:
         self.cuda.check(self.cuda.rt.cudaGraphLaunch(buffers.graphs[parity][1], self.stream))
 
     def _bind(self, buffers: LoopBuffers, step_inputs: dict[str, int], parity: int) -> None:
-        source, target = latent_buffers_of(parity)
-        addresses = {SAMPLE: buffers.latents[source], OUTPUT: buffers.latents[target], CONTEXT: buffers.context,
+        source, target = state_buffers_of(parity)
+        addresses = {SAMPLE: buffers.states[source], OUTPUT: buffers.states[target], CONTEXT: buffers.context,
                      **step_inputs, **buffers.extra_outputs}
         for name, address in addresses.items():
             self.runner.set_address(name, address)

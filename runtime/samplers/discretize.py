@@ -11,10 +11,17 @@ import enum
 import numpy as np
 
 from sdrun.errors import UserError
-from sdrun.recipe import Parameterization
+from sdrun.recipe import DDPMSchedule, Parameterization
 
 STEPS_OFFSET = 1  # SD's published scheduler config: `steps_offset = 1`
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+
+
+def alphas_cumprod(schedule: DDPMSchedule) -> np.ndarray:
+    """(T,) float64 ᾱ_t for t = 0 .. T-1 (ldm `make_beta_schedule("linear")`)."""
+    betas = np.linspace(np.sqrt(schedule.linear_start), np.sqrt(schedule.linear_end),
+                        schedule.timesteps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
 
 
 class Spacing(enum.Enum):

@@ -15,10 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from sdrun.recipe import DDPMSchedule, Parameterization
-from sdrun.samplers.discretize import (Spacing, denoised, karras_sigmas, sigma_to_t, sigmas_at,
+from sdrun.samplers.discretize import (Spacing, alphas_cumprod, denoised, karras_sigmas, sigma_to_t, sigmas_at,
                                        spaced_timesteps, train_sigmas, vp_coefficients)
 from sdrun.samplers.plan import Evaluation, Program
-from sdrun.schedulers import alphas_cumprod
 
 
 def multistep_schedule(schedule: DDPMSchedule, steps: int, spacing: Spacing, karras: bool):

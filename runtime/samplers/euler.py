@@ -13,10 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from sdrun.recipe import DDPMSchedule, Parameterization
-from sdrun.samplers.discretize import (Spacing, karras_denoised, karras_sigmas, sigma_to_t,
+from sdrun.samplers.discretize import (Spacing, alphas_cumprod, karras_denoised, karras_sigmas, sigma_to_t,
                                        sigmas_at, spaced_timesteps)
 from sdrun.samplers.plan import Evaluation, Program
-from sdrun.schedulers import alphas_cumprod
 
 
 def karras_schedule(schedule: DDPMSchedule, steps: int, spacing: Spacing, karras: bool):

@@ -14,9 +14,8 @@ import numpy as np
 
 from sdrun.errors import UserError
 from sdrun.recipe import DDPMSchedule, Parameterization
-from sdrun.samplers.discretize import denoised
+from sdrun.samplers.discretize import alphas_cumprod, denoised
 from sdrun.samplers.plan import Evaluation, Program
-from sdrun.schedulers import alphas_cumprod
 
 ORIGINAL_STEPS = 50  # the distillation schedule (diffusers `original_inference_steps`)
 SIGMA_DATA = 0.5

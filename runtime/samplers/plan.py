@@ -28,6 +28,8 @@ import numpy as np
 
 Update = Callable[[list, object, object], list]
 
+STATE_WIDTH = 5  # W of the step-fused graph: the widest sampler's state (PLMS: x and four ε̂)
+
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
@@ -74,6 +76,19 @@ class Plan:
     def needs_noise(self) -> np.ndarray:
         """(E,) bool: evaluations whose update takes a noise tensor."""
         return np.any(self.noise_scale != 0.0, axis=1)
+
+
+def fused_update_rows(plan: Plan, width: int = STATE_WIDTH) -> np.ndarray:
+    """(E, width, width + 2) float32: A[e] and noise_scale[e] over [state_0..state_{width-1}, y, z],
+    the plan's W slots padded with zero slots that stay zero (the step-fused graph's `update`)."""
+    if plan.width > width:
+        raise ValueError(f"{plan.name} keeps {plan.width} state tensors; the step-fused graph holds {width}")
+    w = plan.width
+    rows = np.zeros((len(plan), width, width + 2))
+    rows[:, :w, :w] = plan.A[:, :, :w]
+    rows[:, :w, width] = plan.A[:, :, w]
+    rows[:, :w, width + 1] = plan.noise_scale
+    return rows.astype(np.float32)
 
 
 def build_plan(name: str, program: Program) -> Plan:

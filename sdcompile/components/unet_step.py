@@ -1,4 +1,4 @@
-"""Step-fused UNet: one whole denoising step (CFG + DDIM update) per call.
+"""Step-fused UNet: one whole denoising step of any sampler (guidance + the plan's linear update) per call.
 
 The graph is derived from the exported UNet by the step-fusion pass (`passes/step_fusion.py`);
 `UNetStepWrapper` states the same computation in PyTorch so the derived graph is verified against
@@ -6,11 +6,16 @@ eager like any other.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sdcompile.components.spec import ComponentSpec, random_tensor
 from sdcompile.recipes import Recipe
 from sdrun.bundle import ShapeBinding, TensorSpec
+from sdrun.samplers import make_plan, resolve_sampler
+from sdrun.samplers.plan import STATE_WIDTH, fused_update_rows
+
+VERIFY_SAMPLER, VERIFY_EVALUATION = "dpmpp_2m_sde", 5  # an evaluation with stored slots and noise
 
 
 class UNetStepWrapper(torch.nn.Module):
@@ -18,38 +23,45 @@ class UNetStepWrapper(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states, guidance, step_coefficients, noise):
-        # sample, noise (B, 4, h, w); encoder_hidden_states (2B, 77, ctx) as [uncond; cond]
-        uncond, cond = self.unet(torch.cat([sample, sample]), timestep, encoder_hidden_states).chunk(2)
+    def forward(self, state, timestep, input_scale, encoder_hidden_states, guidance, update, noise):
+        # state (W, B, 4, h, w); noise (B, 4, h, w); encoder_hidden_states (2B, 77, ctx) as [uncond; cond]
+        x_in = input_scale * state[0]
+        uncond, cond = self.unet(torch.cat([x_in, x_in]), timestep, encoder_hidden_states).chunk(2)
         guided = uncond + guidance * (cond - uncond)
-        c_x, c_out, sigma = step_coefficients
-        return c_x * sample + c_out * guided + sigma * noise
+        operands = torch.cat([state, guided[None], noise[None]])  # (W + 2, B, 4, h, w)
+        return (update @ operands.flatten(1)).reshape(state.shape)
 
 
 def _sample(recipe: Recipe, binding: ShapeBinding, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random state and noise at one real evaluation of a sampler plan."""
     spec = unet_step_spec(recipe)
     inputs = {t.name: random_tensor(t, binding, generator) for t in spec.inputs}
-    inputs["timestep"] = torch.tensor([501.0])
+    plan = make_plan(resolve_sampler(VERIFY_SAMPLER), recipe.schedule, recipe.parameterization, 20)
+    e = VERIFY_EVALUATION
+    inputs["timestep"] = torch.tensor([plan.timesteps[e]], dtype=torch.float32)
+    inputs["input_scale"] = torch.tensor([plan.c_in[e]], dtype=torch.float32)
     inputs["guidance"] = torch.tensor([7.5])
-    inputs["step_coefficients"] = torch.tensor([1.02, -0.2, 0.05])  # a mid-schedule DDIM step, eta > 0
+    inputs["update"] = torch.from_numpy(np.ascontiguousarray(fused_update_rows(plan)[e]))
     return inputs
 
 
 def unet_step_spec(recipe: Recipe) -> ComponentSpec:
     cfg, ctx = recipe.unet, recipe.text_encoder
     latent = ("batch", cfg.in_channels, "latent_height", "latent_width")
+    state = (STATE_WIDTH, *latent)
     return ComponentSpec(
         name="unet_step",
-        inputs=(TensorSpec("sample", "float32", latent),
+        inputs=(TensorSpec("state", "float32", state),
                 TensorSpec("timestep", "float32", (1,)),
+                TensorSpec("input_scale", "float32", (1,)),
                 TensorSpec("encoder_hidden_states", "float32", ("guided_batch", ctx.context_length, cfg.context_dim)),
                 TensorSpec("guidance", "float32", (1,)),
-                TensorSpec("step_coefficients", "float32", (3,)),
+                TensorSpec("update", "float32", (STATE_WIDTH, STATE_WIDTH + 2)),
                 TensorSpec("noise", "float32", latent)),
-        outputs=(TensorSpec("latent", "float32", latent),),
+        outputs=(TensorSpec("next_state", "float32", state),),
         wrap=lambda models, recipe: UNetStepWrapper(models.unet),
         sample=_sample,
-        description="x_next = c_x·x + c_out·CFG(UNet([x; x], t, [uncond; cond])) + sigma·noise",
+        description="next_state = update @ [state, CFG(UNet([c·x; c·x], t, [uncond; cond])), noise]",
         derived_from="unet",
         derived_by="step-fusion",
     )

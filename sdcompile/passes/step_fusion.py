@@ -1,13 +1,14 @@
-"""Step fusion: wrap a plain UNet graph into one whole denoising step.
+"""Step fusion: wrap a plain UNet graph into one whole denoising step of any sampler.
 
-    x (B,C,h,w) ─┬─ Concat(x, x) ─▶ UNet(·, t, context (2B,77,D)) ─▶ Split ─▶ uncond, cond
-                 │                   guided = uncond + g·(cond − uncond)       (Ho & Salimans 2022)
-                 └──────────────▶ x_next = c_x·x + c_out·guided + sigma·noise (DDIM, Song et al. 2021, eq. 12)
+    state (W,B,C,h,w) ─┬─ x_in = input_scale·state[0] ─ Concat(x_in, x_in) ─▶ UNet(·, t, context (2B,77,D))
+                       │      ─▶ Split ─▶ y = uncond + g·(cond − uncond)                 (Ho & Salimans 2022)
+                       └──────▶ next_state = update @ [state_0 .. state_{W-1}, y, noise]   (W,B,C,h,w)
 
-The sampler's coefficients are computed on the host by `sdrun.schedulers` and fed as the tiny
-input `step_coefficients` = [c_x, c_out, sigma]; for eps- and v-prediction alike the DDIM update
-is linear in x and the model output. With it a denoising step is one engine call and the loop
-does no array math outside the graph.
+`update` (W, W + 2) is one evaluation of a sampler plan (`sdrun.samplers.plan`): every sampler
+the runtime offers is a linear recurrence over the latent and a few stored tensors, so one graph
+serves them all and a step is one engine call whatever the sampler. The state has a fixed width
+(`STATE_WIDTH`, the widest sampler's); narrower samplers leave the extra slots at zero. Guidance
+1 feeds [cond; cond] as context. The wrapper's nodes stay in fp32 (`wrapper_node_names`).
 """
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ import onnx
 from onnx import TensorProto, helper
 
 from sdcompile.graph.pass_result import PassResult
+from sdrun.samplers.plan import STATE_WIDTH
 
 if TYPE_CHECKING:
     from sdcompile.passes import PassOptions
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 UNET_OUTPUT = "latent"
-STEP_INPUTS = ("sample", "timestep", "encoder_hidden_states", "guidance", "step_coefficients", "noise")
+STEP_INPUTS = ("state", "timestep", "input_scale", "encoder_hidden_states", "guidance", "update", "noise")
+STEP_OUTPUT = "next_state"
 _PREFIX = "unet_step/"
 
 
@@ -34,7 +37,7 @@ class StepFusionReport:
 
 
 def step_fused_unet(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A new model whose graph runs CFG and the DDIM update around `model`'s UNet graph."""
+    """A new model whose graph runs guidance and a sampler plan's linear update around `model`'s UNet."""
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
     graph = fused.graph
@@ -42,19 +45,20 @@ def step_fused_unet(model: onnx.ModelProto) -> onnx.ModelProto:
     inner = {name: f"{_PREFIX}{name}" for name in (*UNET_INPUTS, UNET_OUTPUT)}
     _rename_values(graph, inner)
     sample = _input(model.graph, "sample")
-    latent_dims = _dims(sample)
-    batch_dims = ["batch", *latent_dims[1:]]
+    latent_type = sample.type.tensor_type.elem_type
+    latent_dims = ["batch", *_dims(sample)[1:]]
     graph.ClearField("input")
     graph.input.extend([
-        _value("sample", sample.type.tensor_type.elem_type, batch_dims),
+        _value("state", latent_type, [STATE_WIDTH, *latent_dims]),
         _clone(_input(model.graph, "timestep"), "timestep"),
+        _value("input_scale", TensorProto.FLOAT, [1]),
         _clone(_input(model.graph, "encoder_hidden_states"), "encoder_hidden_states"),
         _value("guidance", TensorProto.FLOAT, [1]),
-        _value("step_coefficients", TensorProto.FLOAT, [3]),
-        _value("noise", sample.type.tensor_type.elem_type, batch_dims),
+        _value("update", TensorProto.FLOAT, [STATE_WIDTH, STATE_WIDTH + 2]),
+        _value("noise", latent_type, latent_dims),
     ])
     graph.ClearField("output")
-    graph.output.append(_value("latent", sample.type.tensor_type.elem_type, batch_dims))
+    graph.output.append(_value(STEP_OUTPUT, latent_type, [STATE_WIDTH, *latent_dims]))
     before, after = _wrapper_nodes(inner)
     body = list(graph.node)
     graph.ClearField("node")
@@ -65,8 +69,13 @@ def step_fused_unet(model: onnx.ModelProto) -> onnx.ModelProto:
 def _wrapper_nodes(inner: dict[str, str]) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
     """Nodes that feed the UNet body, and nodes that consume its output."""
     p = _PREFIX
+    first_slot = helper.make_tensor(f"{p}first_slot", TensorProto.INT64, [], [0])
+    leading_axis = helper.make_tensor(f"{p}leading_axis", TensorProto.INT64, [1], [0])
     before = [
-        helper.make_node("Concat", ["sample", "sample"], [inner["sample"]], axis=0, name=f"{p}cfg_batch"),
+        helper.make_node("Constant", [], [f"{p}first_slot"], value=first_slot, name=f"{p}first_slot"),
+        helper.make_node("Gather", ["state", f"{p}first_slot"], [f"{p}x"], axis=0, name=f"{p}latent"),
+        helper.make_node("Mul", ["input_scale", f"{p}x"], [f"{p}x_in"], name=f"{p}input_scale"),
+        helper.make_node("Concat", [f"{p}x_in", f"{p}x_in"], [inner["sample"]], axis=0, name=f"{p}cfg_batch"),
         helper.make_node("Identity", ["timestep"], [inner["timestep"]], name=f"{p}timestep"),
         helper.make_node("Identity", ["encoder_hidden_states"], [inner["encoder_hidden_states"]], name=f"{p}context"),
     ]
@@ -76,13 +85,15 @@ def _wrapper_nodes(inner: dict[str, str]) -> tuple[list[onnx.NodeProto], list[on
         helper.make_node("Sub", [f"{p}cond", f"{p}uncond"], [f"{p}delta"], name=f"{p}cfg_delta"),
         helper.make_node("Mul", ["guidance", f"{p}delta"], [f"{p}scaled_delta"], name=f"{p}cfg_scale"),
         helper.make_node("Add", [f"{p}uncond", f"{p}scaled_delta"], [f"{p}guided"], name=f"{p}cfg"),
-        helper.make_node("Split", ["step_coefficients"], [f"{p}c_x", f"{p}c_out", f"{p}sigma"], axis=0,
-                         num_outputs=3, name=f"{p}coefficients"),
-        helper.make_node("Mul", [f"{p}c_x", "sample"], [f"{p}x_term"], name=f"{p}x_term"),
-        helper.make_node("Mul", [f"{p}c_out", f"{p}guided"], [f"{p}out_term"], name=f"{p}out_term"),
-        helper.make_node("Mul", [f"{p}sigma", "noise"], [f"{p}noise_term"], name=f"{p}noise_term"),
-        helper.make_node("Add", [f"{p}x_term", f"{p}out_term"], [f"{p}deterministic"], name=f"{p}sum"),
-        helper.make_node("Add", [f"{p}deterministic", f"{p}noise_term"], ["latent"], name=f"{p}update"),
+        helper.make_node("Constant", [], [f"{p}leading_axis"], value=leading_axis, name=f"{p}leading_axis"),
+        helper.make_node("Unsqueeze", [f"{p}guided", f"{p}leading_axis"], [f"{p}y_slot"], name=f"{p}y_slot"),
+        helper.make_node("Unsqueeze", ["noise", f"{p}leading_axis"], [f"{p}z_slot"], name=f"{p}z_slot"),
+        helper.make_node("Concat", ["state", f"{p}y_slot", f"{p}z_slot"], [f"{p}operands"], axis=0,
+                         name=f"{p}operands"),  # (W + 2, B, C, h, w)
+        helper.make_node("Flatten", [f"{p}operands"], [f"{p}operand_rows"], axis=1, name=f"{p}operand_rows"),
+        helper.make_node("MatMul", ["update", f"{p}operand_rows"], [f"{p}next_rows"], name=f"{p}update"),
+        helper.make_node("Shape", ["state"], [f"{p}state_shape"], name=f"{p}state_shape"),
+        helper.make_node("Reshape", [f"{p}next_rows", f"{p}state_shape"], [STEP_OUTPUT], name=f"{p}next_state"),
     ]
     return before, after
 

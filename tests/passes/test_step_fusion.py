@@ -6,7 +6,8 @@ import pytest
 from pass_graphs import toy_unet
 
 from sdcompile.passes import PassOptions
-from sdcompile.passes.step_fusion import StepFusionReport, run, step_fused_unet, wrapper_node_names
+from sdcompile.passes.step_fusion import STEP_INPUTS, StepFusionReport, run, step_fused_unet, wrapper_node_names
+from sdrun.samplers.plan import STATE_WIDTH
 from sdrun.errors import UserError
 
 
@@ -16,20 +17,22 @@ def _toy_reference(sample, t, ctx):
 
 def test_fused_step_equals_cfg_plus_linear_update():
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 4, 3, 5), dtype=np.float32)
-    noise = rng.standard_normal(x.shape, dtype=np.float32)
+    state = rng.standard_normal((STATE_WIDTH, 2, 4, 3, 5), dtype=np.float32)
+    noise = rng.standard_normal(state.shape[1:], dtype=np.float32)
     ctx = rng.standard_normal((4, 77, 8), dtype=np.float32)
-    t, g = np.array([501.0], np.float32), 7.5
-    coefficients = np.array([1.02, -0.2, 0.05], np.float32)
+    update = rng.standard_normal((STATE_WIDTH, STATE_WIDTH + 2), dtype=np.float32)
+    t, scale, g = np.array([501.0], np.float32), np.array([0.3], np.float32), 7.5
     fused = step_fused_unet(toy_unet())
     onnx.checker.check_model(fused, full_check=True)
     got = ort.InferenceSession(fused.SerializeToString()).run(None, {
-        "sample": x, "timestep": t, "encoder_hidden_states": ctx, "guidance": np.array([g], np.float32),
-        "step_coefficients": coefficients, "noise": noise})[0]
-    out = _toy_reference(np.concatenate([x, x]), t, ctx)
-    uncond, cond = np.split(out, 2)
-    expected = coefficients[0] * x + coefficients[1] * (uncond + g * (cond - uncond)) + coefficients[2] * noise
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        "state": state, "timestep": t, "input_scale": scale, "encoder_hidden_states": ctx,
+        "guidance": np.array([g], np.float32), "update": update, "noise": noise})[0]
+    x_in = scale[0] * state[0]
+    uncond, cond = np.split(_toy_reference(np.concatenate([x_in, x_in]), t, ctx), 2)
+    operands = [*state, uncond + g * (cond - uncond), noise]
+    expected = np.stack([sum(update[i, j] * operands[j] for j in range(STATE_WIDTH + 2))
+                         for i in range(STATE_WIDTH)])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_graph_io_and_input_untouched():
@@ -37,10 +40,10 @@ def test_fused_graph_io_and_input_untouched():
     before = model.SerializeToString()
     fused = step_fused_unet(model)
     assert model.SerializeToString() == before
-    assert [i.name for i in fused.graph.input] == ["sample", "timestep", "encoder_hidden_states", "guidance",
-                                                   "step_coefficients", "noise"]
+    assert tuple(i.name for i in fused.graph.input) == STEP_INPUTS
     dims = [d.dim_param or d.dim_value for d in fused.graph.input[0].type.tensor_type.shape.dim]
-    assert dims == ["batch", 4, "h", "w"]
+    assert dims == [STATE_WIDTH, "batch", 4, "h", "w"]
+    assert [o.name for o in fused.graph.output] == ["next_state"]
 
 
 def test_refuses_unconventional_io():

@@ -11,10 +11,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from sdrun.backends.base import DenoisePlan
 from sdrun.cli import cli
 from sdrun.errors import UserError
-from sdrun.pipeline import GenerationRequest, denoise
+from sdrun.pipeline import GenerationRequest
 from sdrun.session import load_pipeline
 
 
@@ -132,21 +131,27 @@ def test_missing_and_tampered_bundles(tiny_bundle, tmp_path):
     code, text = _txt2img(tampered, tmp_path / "bad.png")
     assert code == 2 and "does not match the manifest" in text and "sdcompile export" in text
     manifest = json.loads((tampered / "manifest.json").read_text())
-    manifest["format_version"] = 99
+    manifest["format_version"] = 1  # before the step-fused UNet took a sampler state
     (tampered / "manifest.json").write_text(json.dumps(manifest))
     code, text = _txt2img(tampered, tmp_path / "bad.png")
-    assert code == 2 and "unsupported format" in text
+    assert code == 2 and "unsupported format" in text and "sdcompile export --recipe tiny" in text
     assert not (tmp_path / "bad.png").exists()
 
 
-class _NaNRunner:
+class _NaNStep:
+    rebuild_hint = "sdcompile export ..."
+
     def run(self, feeds):
-        return {"latent": np.full_like(feeds["sample"], np.nan)}
+        return {"next_state": np.full_like(feeds["state"], np.nan)}
 
 
-def test_non_finite_latents_name_the_stage():
-    plan = DenoisePlan(timesteps=np.array([981.0, 961.0], np.float32), c_x=np.ones(2, np.float32),
-                       c_out=np.ones(2, np.float32), sigma=np.zeros(2, np.float32), guidance=7.5)
-    with pytest.raises(UserError, match=r"denoising step 1/2.*\n.*fp32"):
-        denoise({"unet_step": _NaNRunner()}, np.zeros((1, 4, 2, 2), np.float32),
-                np.zeros((2, 77, 8), np.float32), plan, fused=True)
+def test_non_finite_latents_name_the_stage(tiny_bundle):
+    from sdrun.backends import make_runners
+    from sdrun.bundle import open_bundle
+    from sdrun.pipeline import Pipeline
+
+    bundle = open_bundle(tiny_bundle, lambda manifest: ["text_encoder"])
+    runners = {**make_runners("onnxruntime", bundle, ["text_encoder"]), "unet_step": _NaNStep()}
+    request = GenerationRequest("x", steps=2, sampler="euler")
+    with pytest.raises(UserError, match=r"evaluation 1/2 of euler.*\n.*fp32"):
+        Pipeline(bundle, runners).generate(request)

@@ -55,7 +55,7 @@ def our_draws(pipeline, sampler_id: str) -> tuple[np.ndarray, np.ndarray, list]:
     """(posterior noise, forward noise, per-evaluation noises) as `default_rng(SEED)` draws them."""
     from sdrun.sampling import sampler_plan
 
-    plan = sampler_plan(pipeline.recipe, sampler_id, STEPS, None, None, 0.0, GUIDANCE, STRENGTH)
+    plan = sampler_plan(pipeline.recipe, sampler_id, STEPS, None, None, None, GUIDANCE, STRENGTH)
     rng = np.random.default_rng(SEED)
     posterior, forward = (rng.standard_normal(LATENT, dtype=np.float32) for _ in range(2))
     noises = [rng.standard_normal(LATENT, dtype=np.float32) if needed else np.zeros(LATENT, np.float32)

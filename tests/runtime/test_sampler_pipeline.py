@@ -72,6 +72,7 @@ def test_sdrun_lists_the_samplers():
     (("--sampler", "no such sampler"), "DPM++ 2M Karras"),  # the error lists the valid names
     (("--sampler", "DDIM", "--karras"), "DDIM"),
     (("--sampler", "plms", "--steps", "1"), "PLMS"),
+    (("--sampler", "Euler a", "--eta", "0.3"), "eta"),
 ])
 def test_bad_sampler_options_exit_2_before_loading(tiny_bundle, tmp_path, extra, message):
     from sdrun.cli import main
@@ -102,7 +103,7 @@ def our_noises(pipeline, sampler_id: str, seed: int, shape: tuple) -> list:
     tensor per evaluation that takes noise, from `default_rng(seed)` (None elsewhere)."""
     from sdrun.sampling import sampler_plan
 
-    plan = sampler_plan(pipeline.recipe, sampler_id, STEPS, None, None, 0.0, GUIDANCE)
+    plan = sampler_plan(pipeline.recipe, sampler_id, STEPS, None, None, None, GUIDANCE)
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(shape, dtype=np.float32) if needed else None for needed in plan.needs_noise]
 

@@ -38,19 +38,27 @@ def bundle(tiny_bundle, tmp_path_factory):
     return open_bundle(path, lambda manifest: COMPONENTS)
 
 
-def latents(bundle, options: BackendOptions, host_loop: bool = False) -> np.ndarray:
+SAMPLERS = {"ddim": 0.5, "dpmpp_2m_sde_karras": None, "plms": None, "heun": None}  # sampler -> eta
+
+
+def latents(bundle, options: BackendOptions, sampler: str, host_loop: bool = False) -> np.ndarray:
     runners = make_runners("tensorrt", bundle, COMPONENTS, options)
     if host_loop:
         runners["unet_step"] = HostLoop(runners["unet_step"])
-    request = GenerationRequest("a lighthouse on a cliff at dawn", "blurry", steps=6, seed=1, eta=0.5)
+    request = GenerationRequest("a lighthouse on a cliff at dawn", "blurry", steps=6, seed=1, sampler=sampler,
+                                eta=SAMPLERS[sampler])
     return Pipeline(bundle, runners).generate(request).latents
 
 
-def test_resident_loop_equals_the_host_loop(bundle):
-    error = compare(latents(bundle, BackendOptions(), host_loop=True), latents(bundle, BackendOptions())).rel_l2
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_resident_loop_equals_the_host_loop(bundle, sampler):
+    host = latents(bundle, BackendOptions(), sampler, host_loop=True)
+    error = compare(host, latents(bundle, BackendOptions(), sampler)).rel_l2
     assert error <= MAX_REL_L2, f"rel L2 {error:.3g}"
 
 
-def test_cuda_graph_replay_equals_the_resident_loop(bundle):
-    error = compare(latents(bundle, BackendOptions()), latents(bundle, BackendOptions(cuda_graph=True))).rel_l2
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cuda_graph_replay_equals_the_resident_loop(bundle, sampler):
+    resident = latents(bundle, BackendOptions(), sampler)
+    error = compare(resident, latents(bundle, BackendOptions(cuda_graph=True), sampler)).rel_l2
     assert error <= MAX_REL_L2, f"rel L2 {error:.3g}"

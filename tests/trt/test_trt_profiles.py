@@ -40,7 +40,8 @@ def test_step_fused_unet_always_takes_twice_its_batch_of_embeddings(tiny_recipe)
     from sdcompile.components import component_spec
 
     profile = profile_from_request(tiny_recipe, component_spec("unet_step", tiny_recipe).inputs, ShapeRequest())
-    assert profile["sample"] == {"min": [1, 4, 4, 4], "opt": [1, 4, 8, 8], "max": [4, 4, 16, 16]}
+    assert profile["state"] == {"min": [5, 1, 4, 4, 4], "opt": [5, 1, 4, 8, 8], "max": [5, 4, 4, 16, 16]}
+    assert profile["update"] == {"min": [5, 7], "opt": [5, 7], "max": [5, 7]}
     assert profile["encoder_hidden_states"] == {"min": [2, 77, 32], "opt": [2, 77, 32], "max": [8, 77, 32]}
 
 

@@ -11,7 +11,7 @@ from sdrun.errors import UserError
 from sdrun.recipe import DDPMSchedule, Parameterization
 from sdrun.samplers import (SAMPLERS, apply_plan_step, initial_state, make_plan, make_program,
                             model_input, resolve_sampler, run_plan, run_program)
-from sdrun.schedulers import ddim_step, ddim_table
+from sdrun.samplers.ddim import ddim_step, ddim_table
 
 from tests.runtime.samplers.diffusers_reference import stand_in_model
 

@@ -15,7 +15,7 @@ import pytest
 from sdrun.errors import UserError
 from sdrun.recipe import Parameterization
 from sdrun.samplers import make_plan, run_plan
-from sdrun.schedulers import alphas_cumprod
+from sdrun.samplers.discretize import alphas_cumprod
 
 from tests.runtime.samplers.diffusers_reference import make_scheduler, reference_for, stand_in_model
 from tests.runtime.samplers.test_parity import PARITY_RTOL, SD_SCHEDULE, SHAPE, relative_l2
@@ -59,15 +59,18 @@ def test_img2img_plan_equals_diffusers_img2img(sampler_id, parameterization, ste
     assert relative_l2(ours, theirs) < PARITY_RTOL
 
 
-def test_ddim_img2img_plan_keeps_ldm_semantics():
-    """Noised one DDIM step above the first step run, as `q_sample_ddim` / `img2img_table`."""
-    from sdrun.schedulers import ddim_table, img2img_start, img2img_table
+@pytest.mark.parametrize("steps, strength", [(10, 0.6), (7, 1.0), (7, 0.5), (30, 0.75), (50, 1.0)])
+def test_ddim_img2img_plan_keeps_ldm_semantics(steps, strength):
+    """Noised one DDIM step above the first step run, as ldm's `stochastic_encode` / `decode`, also where
+    ldm's table is longer than the step count (T % steps != 0)."""
+    from sdrun.samplers.ddim import ddim_table
+    from tests.runtime.samplers.ldm_img2img import _noise_index, img2img_start, img2img_table
 
-    table = ddim_table(SD_SCHEDULE, 10, 0.0)
-    plan = make_plan("ddim", SD_SCHEDULE, Parameterization.EPS, 10, spacing=None, strength=0.6)
-    kept = img2img_table(table, img2img_start(10, 0.6))
-    np.testing.assert_array_equal(plan.timesteps, kept.timesteps)
-    assert plan.x0_scale == pytest.approx(np.sqrt(table.a_t[len(table) - 1 - 6]))
+    table = ddim_table(SD_SCHEDULE, steps, 0.0)
+    plan = make_plan("ddim", SD_SCHEDULE, Parameterization.EPS, steps, spacing=None, strength=strength)
+    t_enc = img2img_start(steps, strength)
+    np.testing.assert_array_equal(plan.timesteps, img2img_table(table, t_enc).timesteps)
+    assert plan.x0_scale == pytest.approx(np.sqrt(table.a_t[_noise_index(table, t_enc)]))
 
 
 @pytest.mark.parametrize("strength", [0.05, 0.0])

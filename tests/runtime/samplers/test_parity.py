@@ -6,7 +6,7 @@ import pytest
 
 from sdrun.recipe import DDPMSchedule, Parameterization
 from sdrun.samplers import SAMPLERS, make_plan, run_plan
-from sdrun.schedulers import alphas_cumprod
+from sdrun.samplers.discretize import alphas_cumprod
 
 from tests.runtime.samplers.diffusers_reference import REFERENCES, reference_for, run_diffusers, stand_in_model
 

@@ -6,7 +6,8 @@ import pytest
 
 from sdrun.recipe import DDPMSchedule, Parameterization
 from sdrun.samplers import make_plan, run_plan
-from sdrun.schedulers import alphas_cumprod, ddim_table
+from sdrun.samplers.ddim import ddim_table
+from sdrun.samplers.discretize import alphas_cumprod
 
 from tests.runtime.samplers.diffusers_reference import stand_in_model
 

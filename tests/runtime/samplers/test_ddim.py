@@ -9,10 +9,11 @@ import pytest
 
 from sdrun.errors import UserError
 from sdrun.recipe import DDPMSchedule, Parameterization
-from sdrun.schedulers import (alphas_cumprod,
-                              classifier_free_guidance, ddim_step, ddim_step_coefficients,
-                              ddim_table, ddim_timesteps, img2img_start, img2img_table,
-                              predict_eps_and_x0, q_sample_ddim)
+from sdrun.samplers.ddim import (ddim_step, ddim_step_coefficients, ddim_table, ddim_timesteps,
+                                 predict_eps_and_x0)
+from sdrun.samplers.discretize import alphas_cumprod
+from sdrun.sampling import classifier_free_guidance
+from tests.runtime.samplers.ldm_img2img import img2img_start, img2img_table, q_sample_ddim
 
 SD_SCHEDULE = DDPMSchedule(linear_start=0.00085, linear_end=0.012, timesteps=1000)
 # Relative tolerance of the final sample against diffusers: its betas are float32, ours float64.
@@ -232,7 +233,7 @@ def test_t_enc_outside_the_table_is_rejected():
 
 
 def test_module_imports_neither_torch_nor_sdcompile():
-    code = ("import sys, sdrun.schedulers; "
+    code = ("import sys, sdrun.samplers; "
             "assert not {'torch', 'sdcompile'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
