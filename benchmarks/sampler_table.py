@@ -1,7 +1,8 @@
-"""The pipeline scope's sampler table and convergence run, on each backend's plain UNet.
+"""The pipeline scope's sampler table and convergence run.
 
 Sampler table: every sampler in `sdrun.samplers.SAMPLERS` at the bench's step count, on the first
-prompt and its initial noise. To keep the run short, ONNX Runtime fp32 (`TIMED`) makes
+prompt and its initial noise, on each graph backend's step-fused UNet (the one graph that serves
+every sampler) and on eager PyTorch's plain UNet (the reference). To keep the run short, ONNX Runtime fp32 (`TIMED`) makes
 `sampler_repeats` timed runs per sampler, in rounds over the samplers; every other engine set one run,
 whose latency is reported as a single sample. Runtimes take turns, as in `benchmarks.txt2img`. The
 first run's images and latents are compared with eager fp32 under the same sampler and gated with the
@@ -42,7 +43,8 @@ def sampler_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], eng
                       log: Callable[[str], None]) -> SamplerOutcome:
     """The sampler table (unless `sampler_repeats` is 0) and the convergence curves (unless no step counts)."""
     request = generation_requests(config, recipe)[0]
-    loaded = {e: load_pipeline(bundles[e.precision], e, Denoise.PLAIN, config.threads) for e in engine_sets}
+    loaded = {e: load_pipeline(bundles[e.precision], e, Denoise.PLAIN if e.is_reference else Denoise.STEP_FUSED,
+                               config.threads) for e in engine_sets}
     results = ()
     if config.sampler_repeats:
         log(f"sampler table: {len(SAMPLERS)} samplers × {len(loaded)} engine sets at {request.steps} steps, "
@@ -51,7 +53,8 @@ def sampler_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], eng
         results = tuple(sampler_result(e, s, runs[e, s], runs[REFERENCE, s], log) for s in SAMPLERS for e in loaded)
     convergence = None
     if config.convergence_steps:
-        convergence = convergence_run(loaded[SOLVER], request, recipe, config, log)
+        convergence = convergence_run(load_pipeline(bundles[SOLVER.precision], SOLVER, Denoise.PLAIN, config.threads),
+                                      request, recipe, config, log)
     return SamplerOutcome(results, convergence)
 
 
@@ -74,7 +77,8 @@ def sampler_result(engines: EngineSet, sampler: str, runs: list, reference: list
                                                                  engines.precision, image)
     latency = Stats.of([r.timer.seconds["total"] for r in runs])
     log(f"{engines.label} {label}: {latency.median_ms:.1f} ms per image, image PSNR {image['psnr_db']:.1f} dB")
-    return SamplerResult(sampler, label, engines, first.timer.counts["graph:unet"], latency, latents, image, gate)
+    evaluations = first.timer.counts.get("graph:unet_step") or first.timer.counts["graph:unet"]
+    return SamplerResult(sampler, label, engines, evaluations, latency, latents, image, gate)
 
 
 def convergence_run(loaded, request, recipe, config: BenchConfig, log=lambda line: None,
