@@ -9,6 +9,9 @@ Sources:
 - `RandomWeights(seed)` (`random_init`): every parameter drawn from a generator seeded by
   (seed, checkpoint key).
 
+A `.safetensors` header is checked against the file's size first (`safetensors_extent`), so a file cut
+short is refused, naming the tensor it cuts, before any tensor is read.
+
 `loading` checks every key strictly (`key_check`) and reports what it skipped or filled in
 (`load_report`); `writing` saves our models as an ldm single file.
 """

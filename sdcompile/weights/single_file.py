@@ -14,6 +14,7 @@ from sdcompile import diffusers_layout
 from sdcompile.recipes import Recipe, TextEncoderKind
 from sdcompile.weights.layout import LDM_PREFIXES, CheckpointStates, Component, StateDict
 from sdcompile.weights.load_report import KeyGroup, LoadReport, float_dtypes
+from sdcompile.weights.safetensors_extent import REDOWNLOAD_FIX, check_safetensors_extent
 from sdcompile.weights.unpickler import read_pickled
 from sdrun.errors import UserError
 
@@ -60,13 +61,14 @@ def read_raw_state_dict(path: Path) -> dict[str, object]:
 
 
 def read_safetensors(path: Path) -> StateDict:
+    """The tensors of `path`, once its header shows every tensor is complete."""
+    check_safetensors_extent(path)
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
     except (safetensors.SafetensorError, OSError) as err:
         raise UserError(f"{path} is not a readable .safetensors file: {err}.",
                         expected="a complete safetensors file (8-byte header length, JSON header, tensor data)",
-                        got=f"{path.stat().st_size} bytes",
-                        fix="download or copy the file again (it may be truncated)") from None
+                        got=f"{path.stat().st_size} bytes", fix=REDOWNLOAD_FIX) from None
 
 
 def unwrap_state_dict(obj: object) -> object:

@@ -5,7 +5,8 @@ so opening a `.ckpt` can run any code its author chose. Here each global is reso
 table instead (`resolve_global`): tensor rebuilders and plain types are allowed, the classes that
 training libraries store (Lightning, OmegaConf, numpy) become an inert stand-in, and anything else
 is refused with a UserError naming it. Nothing named by the file is ever imported. Storages are
-read from the archive's records with their declared sizes checked.
+read from the archive's records with their declared sizes checked: a record shorter than its storage
+is refused, naming the entry whose tensor it backs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sdcompile.weights.safetensors_extent import REDOWNLOAD_FIX
 from sdrun.errors import UserError
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -73,14 +75,35 @@ class _StorageType:
     dtype: torch.dtype
 
 
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, *_ignored) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShortRecord:
+    """Stands in for a storage whose record holds fewer bytes than declared. The tensor rebuilders pass it
+    on in place of the tensor, so the entry it ends up under can be named."""
+
+    record: str
+    declared: int  # bytes: element count × element size
+    found: int  # bytes in the record
+
+
+class ShortRecordError(Exception):
+    def __init__(self, short: ShortRecord, key: str | None):
+        super().__init__(f"record {short.record} has {short.found} bytes, {short.declared} expected")
+        self.short, self.key = short, key
+
+
+def _rebuild_tensor(storage: torch.Tensor | ShortRecord, offset: int, size, stride,
+                    *_ignored) -> torch.Tensor | ShortRecord:
     """(storage, offset, size, stride, [requires_grad, hooks, metadata]) -> a view; bounds are checked."""
+    if isinstance(storage, ShortRecord):
+        return storage
     return storage.as_strided(tuple(size), tuple(stride), offset)
 
 
-def _rebuild_tensor_v3(storage: torch.Tensor, offset: int, size, stride, requires_grad, hooks,
-                       dtype: torch.dtype, *_ignored) -> torch.Tensor:
-    return _rebuild_tensor(storage.view(dtype) if storage.dtype != dtype else storage, offset, size, stride)
+def _rebuild_tensor_v3(storage: torch.Tensor | ShortRecord, offset: int, size, stride, requires_grad, hooks,
+                       dtype: torch.dtype, *_ignored) -> torch.Tensor | ShortRecord:
+    if isinstance(storage, torch.Tensor) and storage.dtype != dtype:
+        storage = storage.view(dtype)
+    return _rebuild_tensor(storage, offset, size, stride)
 
 
 def _rebuild_parameter(data: torch.Tensor, *_ignored) -> torch.Tensor:
@@ -138,14 +161,14 @@ def resolve_global(module: str, name: str) -> object:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, read_storage: Callable[[str, torch.dtype, int], torch.Tensor]):
+    def __init__(self, file, read_storage: Callable[[str, torch.dtype, int], torch.Tensor | ShortRecord]):
         super().__init__(file, encoding="utf-8")
         self._read_storage = read_storage
 
     def find_class(self, module: str, name: str) -> object:
         return resolve_global(*python3_name(module, name))
 
-    def persistent_load(self, pid) -> torch.Tensor:
+    def persistent_load(self, pid) -> torch.Tensor | ShortRecord:
         """('storage', storage type, record key, location, element count) -> a 1-D tensor of that storage."""
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)):
@@ -155,15 +178,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def read_pickled(path: Path) -> object:
     """The object a `torch.save` zip archive holds, rebuilt without running code from the file."""
-    with open(path, "rb") as file:
-        magic = file.read(len(ZIP_MAGIC))
-    if magic != ZIP_MAGIC:
-        got = "the legacy (pre-1.6) torch format" if magic[:1] == PICKLE_PROTO else f"a file starting with {magic!r}"
-        raise UserError(f"{path} is not a torch zip archive.",
-                        expected="a checkpoint written by torch.save (PyTorch >= 1.6 zip format)", got=got,
-                        fix="convert it to .safetensors in an environment you trust, or download a .safetensors copy")
+    check_zip_magic(path)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_archive(path) as archive:
             return _unpickle_archive(archive)
     except RefusedGlobal as refused:
         raise UserError(f"{path} names `{refused.qualified_name}`, which loading would have to import or call; "
@@ -172,11 +189,41 @@ def read_pickled(path: Path) -> object:
                         got=f"pickle global {refused.qualified_name}",
                         fix="use a .safetensors copy of this checkpoint; only if you trust its author, convert it "
                             "with torch.load(weights_only=False) and safetensors.torch.save_file") from None
+    except ShortRecordError as err:
+        raise short_record_error(path, err.short, err.key) from None
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError,
             RuntimeError, zipfile.BadZipFile, OSError) as err:
         raise UserError(f"{path} is damaged or not a model checkpoint: {type(err).__name__}: {err}.",
                         expected="a torch.save archive holding a state_dict",
                         fix="download or copy the file again") from None
+
+
+def check_zip_magic(path: Path) -> None:
+    with open(path, "rb") as file:
+        magic = file.read(len(ZIP_MAGIC))
+    if magic != ZIP_MAGIC:
+        got = "the legacy (pre-1.6) torch format" if magic[:1] == PICKLE_PROTO else f"a file starting with {magic!r}"
+        raise UserError(f"{path} is not a torch zip archive.",
+                        expected="a checkpoint written by torch.save (PyTorch >= 1.6 zip format)", got=got,
+                        fix="convert it to .safetensors in an environment you trust, or download a .safetensors copy")
+
+
+def open_archive(path: Path) -> zipfile.ZipFile:
+    """The zip archive at `path`; a file cut short has lost the central directory at its end."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError) as err:
+        raise UserError(f"{path} is truncated or not a zip checkpoint: {err}.",
+                        expected="a complete torch.save zip archive, ending in its central directory",
+                        got=f"a file of {path.stat().st_size} bytes without a readable central directory",
+                        fix=REDOWNLOAD_FIX) from None
+
+
+def short_record_error(path: Path, short: ShortRecord, key: str | None) -> UserError:
+    what = f"tensor {key!r}" if key is not None else f"storage record {short.record}"
+    return UserError(f"{path} is truncated or damaged: the data of {what} is incomplete.",
+                     expected=f"{short.declared} bytes in record {short.record}", got=f"{short.found} bytes",
+                     fix=REDOWNLOAD_FIX)
 
 
 def _unpickle_archive(archive: zipfile.ZipFile) -> object:
@@ -187,15 +234,37 @@ def _unpickle_archive(archive: zipfile.ZipFile) -> object:
     byteorder = _record_text(archive, root + "byteorder") or "little"
     if byteorder != "little":
         raise pickle.UnpicklingError(f"byte order {byteorder!r} is not supported")
-    storages: dict[str, torch.Tensor] = {}
+    storages: dict[str, torch.Tensor | ShortRecord] = {}
 
-    def read_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    def read_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor | ShortRecord:
         if key not in storages:
             storages[key] = _read_storage_record(archive, f"{root}data/{key}", dtype, numel)
         return storages[key]
 
     with archive.open(pickles[0]) as data:
-        return _RestrictedUnpickler(io.BytesIO(data.read()), read_storage).load()
+        obj = _RestrictedUnpickler(io.BytesIO(data.read()), read_storage).load()
+    short = next((s for s in storages.values() if isinstance(s, ShortRecord)), None)
+    if short is not None:
+        raise ShortRecordError(short, key_of(obj, short))
+    return obj
+
+
+def key_of(obj: object, target: object) -> str | None:
+    """The innermost dict key under which `target` sits in `obj`'s nested dicts, lists and tuples."""
+    pending: list[tuple[str | None, object]] = [(None, obj)]
+    seen: set[int] = set()
+    while pending:
+        key, value = pending.pop()
+        if value is target:
+            return key
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            pending += reversed([(str(k), v) for k, v in value.items()])
+        elif isinstance(value, (list, tuple)):
+            pending += reversed([(key, v) for v in value])
+    return None
 
 
 def _record_text(archive: zipfile.ZipFile, name: str) -> str | None:
@@ -205,12 +274,13 @@ def _record_text(archive: zipfile.ZipFile, name: str) -> str | None:
         return None
 
 
-def _read_storage_record(archive: zipfile.ZipFile, name: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+def _read_storage_record(archive: zipfile.ZipFile, name: str, dtype: torch.dtype,
+                         numel: int) -> torch.Tensor | ShortRecord:
     """The raw bytes of one storage record as a 1-D tensor of `numel` elements of `dtype`."""
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     data = bytearray(archive.read(name))
     if len(data) < nbytes:
-        raise pickle.UnpicklingError(f"record {name} has {len(data)} bytes, {nbytes} expected")
+        return ShortRecord(name, nbytes, len(data))
     if nbytes == 0:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(data, dtype=torch.uint8, count=nbytes).view(dtype)
