@@ -5,7 +5,7 @@ precision, timed, with its peak memory), finds the backends this machine has, an
 - PIPELINE (`benchmarks.txt2img`): txt2img end to end on each backend × precision × (plain,
   step-fused) UNet, accuracy per component and end to end, latency per stage, and diffusers'
   pipeline on the same weights as the peer baseline; then (`benchmarks.sampler_table`) every sampler
-  on each backend's plain UNet, and each sampler's convergence to a 1000-step DDIM solution;
+  on each graph backend's step-fused UNet, and each sampler's convergence to a 1000-step DDIM solution;
 - UNET_STEP (`benchmarks.unet_step`): one UNet call at guidance batch 2 on eager, each graph runtime
   and the diffusers UNet, for full-size architectures.
 

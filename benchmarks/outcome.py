@@ -62,7 +62,7 @@ class PeerResult:
 class SamplerResult:
     sampler: str  # short id
     label: str  # as the web UIs write it
-    engines: EngineSet  # on its plain UNet
+    engines: EngineSet  # on its step-fused UNet (the eager reference: plain)
     evaluations: int  # UNet calls per image
     latency: Stats  # one image end to end
     latents: dict  # final latents vs eager fp32 with the same sampler

@@ -163,7 +163,7 @@ def samplers_table(result: BenchResult) -> str:
              f"{r.latency.median_ms:.1f} / {r.latency.p90_ms:.1f}",
              f"{r.image['max_abs'] * 255:.0f}/255", _db(r.image["psnr_db"]), f"{r.latents['rel_l2']:.2e}",
              _verdict(r.gate)] for r in result.samplers]
-    return (f"## Samplers, {result.steps} steps, plain UNet\n\nMilliseconds per image (first prompt), median / p90 "
+    return (f"## Samplers, {result.steps} steps, step-fused UNet (eager reference: plain)\n\nMilliseconds per image (first prompt), median / p90 "
             "of the runs counted (ONNX Runtime fp32 is timed over several; the others run once, for the gate); "
             "accuracy against eager fp32 with the same sampler and noise.\n\n"
             + table(["sampler", "engines", "UNet calls", "runs", "ms med / p90", "image max abs", "PSNR dB",
