@@ -72,3 +72,13 @@ class Variant:
     @property
     def is_reference(self) -> bool:
         return self.engines.is_reference and self.denoise is Denoise.PLAIN
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportBenchConfig:
+    """The export-memory benchmark: one `sdcompile export` process per (precision, component)."""
+
+    recipe: str = "tiny"
+    seed: int = 0  # random weights
+    components: tuple[str, ...] | None = None  # base components and/or "all"; None: every base component and all
+    precisions: tuple[str, ...] = PRECISIONS

@@ -1,4 +1,5 @@
-"""Bundles for a benchmark: `sdcompile export` run as a child process, timed, with its peak memory.
+"""Bundles for a benchmark: `sdcompile export` run as a child process, timed, with its peak memory
+and the phases its log reports.
 
 Each export is its own process, so its peak resident set size (getrusage's ru_maxrss, read with
 `os.wait4` for exactly that child) is the memory one export needs, interpreter and torch included.
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from benchmarks.export_phases import ExportPhase, phases_from_log
 from sdrun.bundle import read_manifest
 from sdrun.errors import UserError
 
@@ -25,6 +27,7 @@ class ExportMeasurement:
     seconds: float  # wall time of the `sdcompile export` process: load weights, trace, passes, verify, write
     peak_rss_mib: float | None  # None where the platform reports no child rusage
     component_seconds: dict[str, float]  # trace + passes per component (the manifest's export_seconds)
+    phases: tuple[ExportPhase, ...] = ()  # the log's phase lines: seconds and resident GiB after each
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -59,7 +62,7 @@ def export_measured(recipe: str, precision: str, out: Path, seed: int, component
     manifest = read_manifest(out)
     return ExportMeasurement(precision, seconds, peak_rss_mib(usage.ru_maxrss),
                              {name: float(record.report.get("export_seconds", float("nan")))
-                              for name, record in manifest.components.items()})
+                              for name, record in manifest.components.items()}, phases_from_log(lines))
 
 
 def peak_rss_mib(ru_maxrss: int) -> float | None:
