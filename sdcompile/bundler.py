@@ -1,4 +1,5 @@
-"""`sdcompile export`: models -> verified, optimized ONNX graphs in a bundle directory.
+"""`sdcompile export`: models -> verified, optimized ONNX graphs in a bundle directory, in little more
+memory than the largest model's weights.
 
 The new bundle is assembled in a staging directory beside the output and swapped in only when
 every component has been exported, optimized and verified, so an interrupted export leaves the
@@ -7,6 +8,7 @@ previous bundle intact and no half-written files.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 import tempfile
@@ -14,24 +16,28 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
-from sdcompile.components import component_spec, selected_components
-from sdcompile.components.spec import dim_multiples, input_profile, trace_binding, verify_binding
-from sdcompile.export import name_io_dims, onnx_from_module, save_model
-from sdcompile.fingerprint import models_sha256
+from sdcompile.components import COMPONENTS, component_spec, selected_components
+from sdcompile.components.spec import ComponentSpec, dim_multiples, input_profile, trace_binding, verify_binding
+from sdcompile.export import name_io_dims, trace_to_file
+from sdcompile.fingerprint import HASHED_COMPONENTS, WeightsDigest
+from sdcompile.graph.external import inside, load_structure, save_graph
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
-from sdcompile.passes import default_passes, optimize_model, run_pass
+from sdcompile.passes import default_passes, optimize_on_disk, run_pass
 from sdcompile.recipes import Recipe, TokenizerPadding
-from sdcompile.verify import verify_graph
+from sdcompile.verify import eager_outputs, verify_graph
 from sdcompile.weights import RandomWeights, load_models
+from sdcompile.weight_map import FILE_NAME as WEIGHT_MAP
+from sdcompile.weight_map import WeightSource, final_map, traced_sources, write_weight_map
+from sdcompile.weights.layout import LDM_PREFIXES, Component
 from sdrun.bundle import (MANIFEST_NAME, ComponentRecord, Manifest, read_manifest, sha256_file,
                           write_json_atomic)
 from sdrun.errors import UserError, stage
 
 TOKENIZER_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 END_OF_TEXT_ID = 49407
+WORK_DIR = ".work"  # inside the staging directory: traced graphs and pass steps, removed before the swap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,32 +52,37 @@ class ExportConfig:
     attention_target: AttentionTarget = AttentionTarget.ONNX
     verify: bool = True
     force: bool = False
+    external_data: bool = False  # always write weights to model.onnx.data (else only past protobuf's 2 GiB)
     seed: int = 0  # seeds the sample inputs used for tracing and verification
 
 
 def export_bundle(config: ExportConfig, log=print) -> Manifest:
-    """Export the selected components of `config.recipe` into the bundle at `config.out`."""
+    """Export the selected components of `config.recipe` into the bundle at `config.out`.
+
+    One model's weights are in memory at a time (text encoder, UNet, VAE in `HASHED_COMPONENTS`
+    order, hashed as they load): its components' eager reference outputs are computed and their
+    graphs traced to disk, the model is freed, and only then do the passes, the save and ONNX
+    Runtime's verification run, on graphs whose weights stay in external-data files.
+    """
     names = _with_bases(selected_components(config.components), config.recipe)
     check_attention_opset(config.opset, config.attention_target)
     out = Path(config.out)
     previous = _previous_bundle(out, config.force)
     _check_writable(out.parent)
-    log(f"loading {config.recipe.name} weights ({_describe_source(config.source)})")
-    with stage("loading the weights"):
-        models = load_models(config.recipe, config.source, attention=config.attention)
-        weights_hash = models_sha256(models)
-    source = _source_record(config.source)
-    if previous and not config.force:
-        _check_same_origin(previous, config.recipe, weights_hash, out)
+    merging = previous is not None and not config.force
+    if merging:
+        _check_same_origin(previous, config.recipe, _weights_sha256(config, log), out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
-        records = _kept_components(previous, out, staging, names) if previous and not config.force else {}
-        for name in names:
-            with stage(f"exporting {name}"):
-                records[name] = _export_component(name, models, config, staging, records, log)
-        manifest = Manifest(recipe=config.recipe, source=source, weights_sha256=weights_hash,
-                            tokenizer=_copy_tokenizer(config.recipe, staging), components=records,
-                            tools=tool_versions())
+        records = _kept_components(previous, out, staging, names) if merging else {}
+        digest = WeightsDigest()
+        for part in HASHED_COMPONENTS:
+            group = [n for n in names if component_spec(n, config.recipe).model.value == part]
+            records.update(_export_model(part, group, config, staging, digest, records, log))
+        shutil.rmtree(staging / WORK_DIR, ignore_errors=True)
+        manifest = Manifest(recipe=config.recipe, source=_source_record(config.source),
+                            weights_sha256=digest.hexdigest(), tokenizer=_copy_tokenizer(config.recipe, staging),
+                            components={n: records[n] for n in COMPONENTS if n in records}, tools=tool_versions())
         write_json_atomic(staging / MANIFEST_NAME, manifest.to_dict())
         _swap_in(staging, out)
     except BaseException:
@@ -80,41 +91,129 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
     return manifest
 
 
-def _export_component(name: str, models, config: ExportConfig, staging: Path, records: dict,
-                      log) -> ComponentRecord:
+def _load_model(part: str, config: ExportConfig, log):
+    log(f"loading the {config.recipe.name} {part} weights ({_describe_source(config.source)})")
+    with stage("loading the weights"):
+        return load_models(config.recipe, config.source, attention=config.attention, parts=(Component(part),))
+
+
+def _weights_sha256(config: ExportConfig, log) -> str:
+    """The bundle's weights hash, each model loaded, hashed and freed in turn."""
+    digest = WeightsDigest()
+    for part in HASHED_COMPONENTS:
+        digest.add(part, _load_model(part, config, log).component(Component(part)).state_dict())
+        gc.collect()
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class _Traced:
+    """A component between its eager phase and its graph phase."""
+
+    spec: ComponentSpec
+    phases: _PhaseClock
+    checked: dict | None  # verification inputs (None: --no-verify)
+    references: tuple[np.ndarray, ...] | None  # eager outputs on them
+    graph: Path | None  # the traced graph; None for a derived component
+    sources: dict[str, WeightSource] | None  # the traced graph's initializers' checkpoint tensors
+
+
+def _export_model(part: str, names: list[str], config: ExportConfig, staging: Path, digest: WeightsDigest,
+                  records: dict, log) -> dict[str, ComponentRecord]:
+    """Load one model, hash it, take its components' eager outputs and traces, free it, then finish
+    each component on disk."""
+    models = _load_model(part, config, log)
+    digest.add(part, models.component(Component(part)).state_dict())
+    traced = {}
+    for name in names:
+        with stage(f"exporting {name}"):
+            traced[name] = _eager_phase(name, models, config, staging / WORK_DIR / name, log)
+    del models
+    _return_freed_memory()
+    done, optimized = {}, {}
+    for name in names:
+        with stage(f"exporting {name}"):
+            done[name], optimized[name] = _graph_phase(traced.pop(name), config, staging, optimized,
+                                                       {**records, **done}, log)
+    return done
+
+
+def _return_freed_memory() -> None:
+    """Collect what was freed and hand glibc's freed heap pages back to the system (`malloc_trim`;
+    elsewhere nothing to do), so the next phase's peak starts from what is really alive."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _eager_phase(name: str, models, config: ExportConfig, work: Path, log) -> _Traced:
+    """Everything that needs the eager model: reference outputs for verification and the trace."""
     spec = component_spec(name, config.recipe)
     module = spec.wrap(models, config.recipe).eval()
-    inputs = spec.sample(config.recipe, trace_binding(config.recipe), torch.Generator().manual_seed(config.seed))
     phases = _PhaseClock(name, log)
+    checked = references = None
+    if config.verify:
+        checked = spec.sample(config.recipe, verify_binding(config.recipe),
+                              torch.Generator().manual_seed(config.seed + 1))
+        references = eager_outputs(module, checked)
+        phases.done("eager reference")
+    graph = None
+    if not spec.derived_from:
+        inputs = spec.sample(config.recipe, trace_binding(config.recipe), torch.Generator().manual_seed(config.seed))
+        graph = work / "traced" / "model.onnx"
+        graph.parent.mkdir(parents=True)
+        trace_to_file(module, inputs, spec.inputs, spec.outputs, dim_multiples(config.recipe), graph, config.opset)
+        phases.done(f"traced (opset {config.opset})")
+        sources = traced_sources(module, models.component(spec.model), LDM_PREFIXES[spec.model], graph)
+        return _Traced(spec, phases, checked, references, graph, sources)
+    return _Traced(spec, phases, checked, references, None, None)
+
+
+def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized: dict[str, tuple], records: dict,
+                 log) -> tuple[ComponentRecord, tuple[Path, dict]]:
+    """Passes (or the derivation), save and verification of a traced component; returns its record and what
+    a derived component starts from: the optimized graph on disk (weights external) and its weight sources."""
+    spec, phases, sources = traced.spec, traced.phases, traced.sources
     if spec.derived_from:
-        model, derivation = run_pass(spec.derived_by, onnx.load(str(staging / spec.derived_from / "model.onnx")))
+        base, sources = optimized[spec.derived_from]
+        with inside(base.parent):
+            model, derivation = run_pass(spec.derived_by, load_structure(base))
         name_io_dims(model, spec.inputs, spec.outputs)
+        source_dir = base.parent
         passes = [*records[spec.derived_from].passes, spec.derived_by]
         pass_report = {spec.derived_by: derivation}
         phases.done(f"derived from {spec.derived_from}")
     else:
-        model = onnx_from_module(module, inputs, spec.inputs, spec.outputs, dim_multiples(config.recipe),
-                                 config.opset)
-        phases.done(f"traced (opset {config.opset})")
         passes = default_passes(config.precision)
-        model, pass_report = optimize_model(model, passes, attention_target=config.attention_target)
+        model, pass_report, source_dir = optimize_on_disk(traced.graph, passes, traced.graph.parent.parent / "passes",
+                                                          attention_target=config.attention_target)
         phases.done(f"passes {', '.join(passes)}")
-    directory = staging / name
+    directory = staging / spec.name
     directory.mkdir()
-    written = save_model(model, directory / "model.onnx")
+    weight_map = final_map(model, sources)
+    written = save_graph(model, directory / "model.onnx", source_dir, config.external_data)
+    written.append(write_weight_map(weight_map, directory / WEIGHT_MAP))
     del model
     phases.done("saved")
-    report = {"export_seconds": phases.total(), "passes": pass_report}
+    report = {"export_seconds": phases.total(), "passes": pass_report,
+              "weight_map": {"file": f"{spec.name}/{WEIGHT_MAP}", "mapped": len(weight_map["initializers"]),
+                             "unmapped": len(weight_map["unmapped"])}}
     if config.verify:
-        checked = spec.sample(config.recipe, verify_binding(config.recipe), torch.Generator().manual_seed(config.seed + 1))
-        report["verification"] = verify_graph(name, module, checked, written[0], config.precision, log)
+        report["verification"] = verify_graph(spec.name, traced.references, traced.checked, written[0],
+                                              config.precision, log)
         phases.done("verified")
     report["phases"] = phases.seconds
-    return ComponentRecord(
-        name=name, graph=f"{name}/model.onnx",
-        files={f"{name}/{p.name}": sha256_file(p) for p in written},
+    record = ComponentRecord(
+        name=spec.name, graph=f"{spec.name}/model.onnx",
+        files={f"{spec.name}/{p.name}": sha256_file(p) for p in written},
         inputs=spec.inputs, outputs=spec.outputs, profile=input_profile(spec, config.recipe),
         precision=config.precision.value, passes=tuple(passes), report=report)
+    return record, (source_dir / "model.onnx", sources)
 
 
 def check_attention_opset(opset: int, target: AttentionTarget) -> None:
@@ -138,7 +237,8 @@ class _PhaseClock:
         now = time.perf_counter()
         self.seconds[phase] = round(now - self._last, 2)
         self._last = now
-        self.log(f"[{self.component}] {phase}: {self.seconds[phase]:.1f} s, {_resident_gib():.1f} GiB resident")
+        self.log(f"[{self.component}] {phase}: {self.seconds[phase]:.1f} s, {_resident_gib():.1f} GiB resident "
+                 f"(peak {_peak_gib():.1f} GiB)")
 
     def total(self) -> float:
         return round(sum(self.seconds.values()), 2)
@@ -153,6 +253,15 @@ def _resident_gib() -> float:
     except OSError:
         pass
     return 0.0
+
+
+def _peak_gib() -> float:
+    """The process's peak resident set size so far (getrusage: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
 def _with_bases(names: list[str], recipe: Recipe) -> list[str]:

@@ -55,8 +55,10 @@ def recipes_command() -> None:
               show_default=True, help="fused attention op: standard ONNX Attention or com.microsoft MultiHeadAttention")
 @click.option("--no-verify", is_flag=True, help="skip the ONNX Runtime vs eager PyTorch accuracy gate")
 @click.option("--force", is_flag=True, help="replace a bundle made from another recipe or checkpoint")
+@click.option("--external-data", is_flag=True,
+              help="always write weights to model.onnx.data beside each graph (else only past protobuf's 2 GiB)")
 def export_command(recipe, checkpoint, random_weights, seed, components, out, precision, opset, attention,
-                   attention_target, no_verify, force) -> None:
+                   attention_target, no_verify, force, external_data) -> None:
     """Export components of a Stable Diffusion model into a verified ONNX bundle."""
     from sdcompile.bundler import ExportConfig, export_bundle
     from sdcompile.recipes import load_recipe
@@ -68,7 +70,7 @@ def export_command(recipe, checkpoint, random_weights, seed, components, out, pr
     config = ExportConfig(recipe=load_recipe(recipe), source=checkpoint or RandomWeights(seed), out=out,
                           components=components, precision=Precision(precision), opset=opset,
                           attention=AttentionImpl(attention), attention_target=AttentionTarget(attention_target),
-                          verify=not no_verify, force=force)
+                          verify=not no_verify, force=force, external_data=external_data)
     manifest = export_bundle(config, log=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {out} ({', '.join(manifest.components)})")
 

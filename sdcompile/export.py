@@ -1,47 +1,69 @@
 """The one place that calls `torch.onnx.export` (torch's default dynamo exporter)."""
 from __future__ import annotations
 
-import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
 
+from sdcompile.graph.external import load_structure
 from sdcompile.options import DEFAULT_OPSET
 from sdrun.bundle import TensorSpec
 from sdrun.errors import UserError
 
 MIN_OPSET = 18  # torchlib's native opset; lower ones need version conversion that fails on these graphs
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
 
 
-def onnx_from_module(module: torch.nn.Module, inputs: dict[str, torch.Tensor], input_specs: tuple[TensorSpec, ...],
-                     output_specs: tuple[TensorSpec, ...], dim_multiples: dict[str, int],
-                     opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Trace `module(*inputs)` into ONNX with the spec's names and symbolic dims.
+def trace_to_file(module: torch.nn.Module, inputs: dict[str, torch.Tensor], input_specs: tuple[TensorSpec, ...],
+                  output_specs: tuple[TensorSpec, ...], dim_multiples: dict[str, int], path: Path,
+                  opset: int = DEFAULT_OPSET) -> None:
+    """Trace `module(*inputs)` into ONNX at `path` (weights in an external-data file beside it), with the
+    spec's names and symbolic dims.
 
-    `dim_multiples` declares symbols that only take multiples of a number (e.g. latent sizes
-    divisible by 2^levels), so the exporter can prove down/up-sampled sizes line up.
-    Returns the model with weights loaded in memory (callers save it with `save_model`).
+    The exporter's initializers are the module's own parameter tensors and are written to disk one by
+    one, so tracing holds no second copy of the weights. `dim_multiples` declares symbols that only take
+    multiples of a number (e.g. latent sizes divisible by 2^levels), so the exporter can prove
+    down/up-sampled sizes line up.
     """
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset} is too low for the exporter.", expected=f">= {MIN_OPSET}",
                         got=str(opset), fix=f"pass --opset {DEFAULT_OPSET} (default)")
     args = tuple(inputs[t.name] for t in input_specs)
-    with tempfile.TemporaryDirectory(prefix="sdcompile-export-") as tmp, torch.inference_mode(False), \
-            torch.no_grad(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module.eval(), args, dynamo=True, opset_version=opset,
             input_names=[t.name for t in input_specs], output_names=[t.name for t in output_specs],
             dynamic_shapes=_dynamic_shapes(module, input_specs, dim_multiples), optimize=True, verbose=False)
-        path = Path(tmp) / "model.onnx"
         program.save(str(path), external_data=True)
-        del program  # holds a second copy of every weight
-        model = onnx.load(str(path), load_external_data=True)
+        del program
+    forget_rewriter_matches()
+    model = load_structure(path)
     name_io_dims(model, input_specs, output_specs)
-    return model
+    onnx.save_model(model, str(path))  # the structure only: the data file stays as written
+
+
+def forget_rewriter_matches() -> None:
+    """Drop what onnxscript's pattern matchers remember of their last match.
+
+    The exporter's optimizer leaves each module-level rewrite rule holding the graph it last looked at,
+    and that graph's initializers are the traced module's parameters: without this, a model's weights
+    stay alive after its export until the next export replaces them.
+    """
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to clear
+        return
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
+        warnings.simplefilter("ignore")
+        matchers = [o for o in gc.get_objects() if isinstance(o, SimplePatternMatcher)]
+    for matcher in matchers:
+        for attribute in ("_graph", "_current_node", "_tracer", "_match"):
+            if hasattr(matcher, attribute):
+                setattr(matcher, attribute, None)
 
 
 def _dynamic_shapes(module: torch.nn.Module, specs: tuple[TensorSpec, ...], multiples: dict[str, int]) -> dict:
@@ -69,19 +91,3 @@ def name_io_dims(model: onnx.ModelProto, inputs: tuple[TensorSpec, ...], outputs
                 dim.dim_param = symbol
             else:
                 dim.dim_value = symbol
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write `model` to `path` (with `<name>.data` beside it past 2 GiB); returns every file written."""
-    path = Path(path)
-    if initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path))
-        return [path]
-    data = path.with_name(path.name + ".data")
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    return [path, data]
-
-
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)

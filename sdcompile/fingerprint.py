@@ -28,12 +28,42 @@ def state_dict_sha256(named: Iterable[tuple[str, Mapping[str, torch.Tensor]]]) -
     """One hash over (prefix, state_dict) pairs: every key's name, dtype, shape and bytes, keys sorted."""
     digest = hashlib.sha256()
     for prefix, state in named:
-        for key, tensor in sorted(state.items()):
-            digest.update(f"{prefix}.{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor_bytes(tensor))
+        _update(digest, prefix, state)
     return digest.hexdigest()
+
+
+def _update(digest, prefix: str, state: Mapping[str, torch.Tensor]) -> None:
+    for key, tensor in sorted(state.items()):
+        digest.update(f"{prefix}.{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor_bytes(tensor))
+
+
+class WeightsDigest:
+    """`models_sha256` fed one model at a time, in `HASHED_COMPONENTS` order, so the models need not be
+    in memory together."""
+
+    def __init__(self):
+        self._digest, self._added = hashlib.sha256(), 0
+
+    @property
+    def next_part(self) -> str | None:
+        return HASHED_COMPONENTS[self._added] if self._added < len(HASHED_COMPONENTS) else None
+
+    def add(self, part: str, state: Mapping[str, torch.Tensor]) -> None:
+        if part != self.next_part:
+            raise ValueError(f"weights are hashed in the order {HASHED_COMPONENTS}; got {part} for {self.next_part}")
+        _update(self._digest, part, state)
+        self._added += 1
+
+    def hexdigest(self) -> str:
+        if self.next_part is not None:
+            raise ValueError(f"{self.next_part} has not been hashed yet")
+        return self._digest.hexdigest()
 
 
 def models_sha256(models) -> str:
     """Content hash of every weight of the three models (the bundle's `weights_sha256`)."""
-    return state_dict_sha256((part, getattr(models, part).state_dict()) for part in HASHED_COMPONENTS)
+    digest = WeightsDigest()
+    for part in HASHED_COMPONENTS:
+        digest.add(part, getattr(models, part).state_dict())
+    return digest.hexdigest()

@@ -21,27 +21,30 @@ class OptimizeConfig:
 
 
 def optimize_file(config: OptimizeConfig) -> dict:
-    """Optimize `config.source` into `config.out` (written atomically); returns the pass reports."""
-    from sdcompile.export import save_model
-    from sdcompile.passes import default_passes, optimize_model
+    """Optimize `config.source` into `config.out` (written atomically, with `<name>.data` beside it past
+    protobuf's 2 GiB); the weights stay on disk throughout. Returns the pass reports."""
+    from sdcompile.graph.external import save_graph
+    from sdcompile.passes import default_passes, optimize_on_disk
 
     passes = list(config.passes) if config.passes else default_passes(config.precision)
     if config.precision is Precision.FP16 and "fp16" not in passes:
         passes.append("fp16")
     check_output_path(config.out)
-    model = load_onnx(config.source)
-    optimized, reports = optimize_model(model, passes, attention_target=config.attention_target)
+    load_onnx(config.source, with_data=False)
     staging = Path(tempfile.mkdtemp(prefix=f".{config.out.name}.", dir=config.out.parent))
     try:
-        for path in save_model(optimized, staging / config.out.name):
+        optimized, reports, source_dir = optimize_on_disk(config.source, passes, staging / "work",
+                                                          attention_target=config.attention_target)
+        for path in save_graph(optimized, staging / config.out.name, source_dir):
             os.replace(path, config.out.parent / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"passes": passes, "reports": reports}
 
 
-def load_onnx(path: Path):
-    """An ONNX model with its external data, or a UserError saying what is wrong with the file."""
+def load_onnx(path: Path, with_data: bool = True):
+    """An ONNX model (with its external data unless not `with_data`), or a UserError saying what is wrong
+    with the file."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -49,7 +52,7 @@ def load_onnx(path: Path):
     if not path.is_file():
         raise UserError(f"{path} does not exist.", fix="pass the path of an .onnx file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=with_data)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as err:
         raise UserError(f"{path} is not a readable ONNX model ({type(err).__name__}: {err}).",
                         expected="a complete ONNX protobuf (and its external data file beside it)",

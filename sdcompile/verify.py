@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdcompile.options import Precision
@@ -14,24 +15,40 @@ from sdrun.errors import UserError
 from sdrun.gates import check_output
 
 
-def verify_graph(name: str, module: torch.nn.Module, inputs: dict, graph: Path, precision: Precision,
+def eager_outputs(module: torch.nn.Module, inputs: dict) -> tuple[np.ndarray, ...]:
+    """`module`'s outputs on `inputs`, kept as numpy so the module can be freed before the graph is run."""
+    with torch.no_grad():
+        outputs = module(*inputs.values())
+    return tuple(o.numpy() for o in (outputs if isinstance(outputs, tuple) else (outputs,)))
+
+
+def verify_graph(name: str, references: tuple[np.ndarray, ...], inputs: dict, graph: Path, precision: Precision,
                  log) -> list[dict]:
-    """Gate every output of `graph` on `inputs` against `module`; returns the verdicts as plain data."""
+    """Gate every output of `graph` on `inputs` against the eager `references`; returns the verdicts as plain
+    data. The session shares no memory with an eager model: the caller has freed it."""
     import onnxruntime as ort
 
-    with torch.no_grad():
-        reference = module(*inputs.values())
-    references = reference if isinstance(reference, tuple) else (reference,)
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph), lean_session_options(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
     outputs = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    del session
     verdicts = []
-    for value, expected, actual in zip(session.get_outputs(), references, outputs):
-        verdict = check_output(value.name, value.name, expected.numpy(), actual, precision.value)
+    for value, expected, actual in zip(names, references, outputs):
+        verdict = check_output(value, value, expected, actual, precision.value)
         log(f"[{name}] gate {verdict.describe()}")
         if not verdict.passed:
             raise _failed(name, verdict, precision)
         verdicts.append(verdict.to_dict())
     return verdicts
+
+
+def lean_session_options():
+    """ONNX Runtime CPU options that keep one copy of the weights: no pre-packed duplicates of them."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
 
 
 def _failed(name: str, verdict, precision: Precision) -> UserError:

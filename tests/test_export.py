@@ -153,7 +153,7 @@ def test_interrupted_export_leaves_the_previous_bundle_intact(tiny_bundle, tmp_p
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bundler, "onnx_from_module", interrupted)
+    monkeypatch.setattr(bundler, "save_graph", interrupted)  # after the trace and the passes wrote work files
     with pytest.raises(KeyboardInterrupt):
         bundler.export_bundle(bundler.ExportConfig(recipe=load_recipe("tiny"), source=RandomWeights(0), out=bundle,
                                                    components=("unet",)), log=lambda line: None)

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from sdcompile.recipes import Recipe
+from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec, resolve_shape
 
 
@@ -21,6 +22,7 @@ class ComponentSpec:
     """
 
     name: str
+    model: Component  # which of the three models `wrap` takes: components of one model export together
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     wrap: Callable[..., torch.nn.Module]
@@ -59,11 +61,17 @@ def trace_binding(recipe: Recipe) -> ShapeBinding:
     return ShapeBinding(batch, 2 * batch, recipe.shapes.height.opt, recipe.shapes.width.opt, recipe.vae_scale)
 
 
+VERIFY_MAX_PIXELS = 256  # the accuracy gate's image side at most: a full-size UNet's attention at 512 px alone
+# holds 1 GiB of scores per call, more than a third of its weights
+
+
 def verify_binding(recipe: Recipe) -> ShapeBinding:
-    """Shapes for the accuracy gate: one prompt with guidance at the opt size — cheaper than the
-    traced batch, and a different shape, so the graph's dynamic axes are exercised too."""
+    """Shapes for the accuracy gate: one prompt with guidance at the opt size, capped at
+    `VERIFY_MAX_PIXELS` per side (never below the profile's min) — cheaper than the traced batch, and
+    a different shape, so the graph's dynamic axes are exercised too."""
     shapes = recipe.shapes
-    return ShapeBinding(shapes.batch.min, 2 * shapes.batch.min, shapes.height.opt, shapes.width.opt, recipe.vae_scale)
+    height, width = (max(r.min, min(r.opt, VERIFY_MAX_PIXELS)) for r in (shapes.height, shapes.width))
+    return ShapeBinding(shapes.batch.min, 2 * shapes.batch.min, height, width, recipe.vae_scale)
 
 
 def dim_multiples(recipe: Recipe) -> dict[str, int]:

@@ -5,6 +5,7 @@ import torch
 
 from sdcompile.components.spec import ComponentSpec
 from sdcompile.recipes import Recipe
+from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec
 
 
@@ -30,6 +31,7 @@ def text_encoder_spec(recipe: Recipe) -> ComponentSpec:
     cfg = recipe.text_encoder
     return ComponentSpec(
         name="text_encoder",
+        model=Component.TEXT_ENCODER,
         inputs=(TensorSpec("input_ids", "int32", ("cfg_batch", cfg.context_length)),),
         outputs=(TensorSpec("text_embeddings", "float32", ("cfg_batch", cfg.context_length, cfg.width)),),
         wrap=lambda models, recipe: TextEncoderWrapper(models.text_encoder),

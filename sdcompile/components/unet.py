@@ -5,6 +5,7 @@ import torch
 
 from sdcompile.components.spec import ComponentSpec, random_tensor
 from sdcompile.recipes import Recipe
+from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec
 
 
@@ -31,6 +32,7 @@ def unet_spec(recipe: Recipe) -> ComponentSpec:
     latent = ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")
     return ComponentSpec(
         name="unet",
+        model=Component.UNET,
         inputs=(TensorSpec("sample", "float32", latent),
                 TensorSpec("timestep", "float32", (1,)),
                 TensorSpec("encoder_hidden_states", "float32", ("cfg_batch", ctx.context_length, cfg.context_dim))),

@@ -11,6 +11,7 @@ import torch
 
 from sdcompile.components.spec import ComponentSpec, random_tensor
 from sdcompile.recipes import Recipe
+from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec
 from sdrun.samplers import make_plan, resolve_sampler
 from sdrun.samplers.plan import STATE_WIDTH, fused_update_rows
@@ -51,6 +52,7 @@ def unet_step_spec(recipe: Recipe) -> ComponentSpec:
     state = (STATE_WIDTH, *latent)
     return ComponentSpec(
         name="unet_step",
+        model=Component.UNET,
         inputs=(TensorSpec("state", "float32", state),
                 TensorSpec("timestep", "float32", (1,)),
                 TensorSpec("input_scale", "float32", (1,)),

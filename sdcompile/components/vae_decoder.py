@@ -9,6 +9,7 @@ import torch
 
 from sdcompile.components.spec import ComponentSpec, random_tensor
 from sdcompile.recipes import Recipe
+from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec
 
 
@@ -31,6 +32,7 @@ def vae_decoder_spec(recipe: Recipe) -> ComponentSpec:
     cfg = recipe.vae
     return ComponentSpec(
         name="vae_decoder",
+        model=Component.VAE,
         inputs=(TensorSpec("latent", "float32", ("batch", cfg.embed_dim, "latent_height", "latent_width")),),
         outputs=(TensorSpec("images", "float32", ("batch", cfg.out_ch, "image_height", "image_width")),),
         wrap=lambda models, recipe: VaeDecoderWrapper(models.vae, recipe.latent_scale_factor),

@@ -10,6 +10,7 @@ import torch
 
 from sdcompile.components.spec import ComponentSpec
 from sdcompile.recipes import Recipe
+from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec, resolve_shape
 
 
@@ -34,6 +35,7 @@ def vae_encoder_spec(recipe: Recipe) -> ComponentSpec:
     cfg = recipe.vae
     return ComponentSpec(
         name="vae_encoder",
+        model=Component.VAE,
         inputs=(TensorSpec("images", "float32", ("batch", cfg.in_channels, "image_height", "image_width")),),
         outputs=(TensorSpec("latent", "float32", ("batch", 2 * cfg.embed_dim, "latent_height", "latent_width")),),
         wrap=lambda models, recipe: VaeEncoderWrapper(models.vae, recipe.latent_scale_factor),

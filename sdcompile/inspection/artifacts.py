@@ -32,9 +32,12 @@ def _inspect_graph(graph: Path, fp32_node_names=()) -> dict:
     """`fp32_node_names`: nodes declared fp32 beyond the default islands (e.g. the step-fusion update)."""
     from sdcompile.graph.fp16_policy import Fp16Options
     from sdcompile.inspection.summary import graph_summary
+    from sdcompile.graph.external import inside
     from sdcompile.optimize import load_onnx
 
-    summary = graph_summary(load_onnx(graph), Fp16Options(keep_fp32_node_names=frozenset(fp32_node_names)))
+    with inside(Path(graph).parent):  # the weights stay in their data file; what is read, is read from there
+        summary = graph_summary(load_onnx(graph, with_data=False),
+                                Fp16Options(keep_fp32_node_names=frozenset(fp32_node_names)))
     summary["size_bytes"] = sum(p.stat().st_size for p in _graph_files(graph))
     return summary
 

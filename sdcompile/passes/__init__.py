@@ -7,12 +7,15 @@ order and returns the new model with each pass's report as plain data.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import onnx
 
+from sdcompile.graph.external import inside, load_structure, spill
 from sdcompile.graph.fp16_policy import Fp16Options, IoDtype
 from sdcompile.graph.pass_result import PassResult
 from sdcompile.graph.reports import plain_data
@@ -89,7 +92,32 @@ def optimize_model(model: onnx.ModelProto, passes: Sequence[str],
     return optimized, reports
 
 
+def optimize_on_disk(path: Path, passes: Sequence[str], work: Path, options: PassOptions | None = None, *,
+                     attention_target: AttentionTarget | None = None) -> tuple[onnx.ModelProto, dict, Path]:
+    """`optimize_model` for the graph at `path` with its weights left on disk (`sdcompile.graph.external`).
+
+    Each pass runs on the previous result's structure inside its directory; what it returns is spilled
+    into `work/<i>-<pass>/` (and the step before removed), so memory holds the graph and at most the
+    tensors one pass creates. Returns (the optimized structure, the reports, the directory its data is in).
+    """
+    _check_names(passes)
+    options = _with_target(options or PassOptions(), attention_target)
+    model, directory, reports = load_structure(path), Path(path).parent, {}
+    for index, name in enumerate(passes):
+        with inside(directory):
+            model, reports[name] = run_pass(name, model, options)
+        step = Path(work) / f"{index}-{name}"
+        step.mkdir(parents=True)
+        spill(model, step / "model.onnx", directory)
+        if directory.parent == Path(work):
+            shutil.rmtree(directory)
+        directory = step
+    with inside(directory):
+        check_model_types(model)
+    return model, reports, directory
+
+
 __all__ = [
-    "PASSES", "PassOptions", "PassResult", "default_passes", "optimize_model", "run_pass",
+    "PASSES", "PassOptions", "PassResult", "default_passes", "optimize_model", "optimize_on_disk", "run_pass",
     "CleanupOptions", "AttentionOptions", "AttentionTarget", "Fp16Options", "IoDtype",
 ]

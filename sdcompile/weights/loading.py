@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -37,9 +37,11 @@ CheckpointSource = str | os.PathLike | RandomWeights
 
 @dataclasses.dataclass(frozen=True)
 class StableDiffusionModels:
-    unet: UNetModel
-    vae: AutoencoderKL
-    text_encoder: nn.Module
+    """The recipe's models; one not asked for (`load_models(parts=...)`) is None."""
+
+    unet: UNetModel | None
+    vae: AutoencoderKL | None
+    text_encoder: nn.Module | None
     report: LoadReport
 
     def component(self, component: Component) -> nn.Module:
@@ -47,29 +49,37 @@ class StableDiffusionModels:
 
 
 def load_models(recipe: Recipe, source: CheckpointSource | None = None, dtype: torch.dtype = torch.float32,
-                attention: AttentionImpl = AttentionImpl.SDPA) -> StableDiffusionModels:
-    """The recipe's three models in eval mode with weights from `source` (None: `RandomWeights()`)."""
+                attention: AttentionImpl = AttentionImpl.SDPA,
+                parts: Sequence[Component] | None = None) -> StableDiffusionModels:
+    """The recipe's models in eval mode with weights from `source` (None: `RandomWeights()`).
+
+    `parts` (None: all three) builds and fills only those models, so an export can hold one model's
+    weights at a time; random weights are the same whichever parts are asked for.
+    """
     source = RandomWeights() if source is None else source
-    modules = build_models(recipe, attention)
+    modules = build_models(recipe, attention, parts)
     if isinstance(source, RandomWeights):
         for component, module in modules.items():
             randomize_parameters_(module, source.seed, LDM_PREFIXES[component])
         report = LoadReport(f"random weights (seed {source.seed})")
     else:
         states, report = read_checkpoint(Path(source), recipe)
+        states = dataclasses.replace(states, components={c: s for c, s in states.components.items() if c in modules})
         report = load_strict_(modules, states, recipe, report)
     for module in modules.values():
         module.to(dtype).eval().requires_grad_(False)
-    return StableDiffusionModels(modules[Component.UNET], modules[Component.VAE],
-                                 modules[Component.TEXT_ENCODER], report)
+    return StableDiffusionModels(modules.get(Component.UNET), modules.get(Component.VAE),
+                                 modules.get(Component.TEXT_ENCODER), report)
 
 
-def build_models(recipe: Recipe, attention: AttentionImpl = AttentionImpl.SDPA) -> dict[Component, nn.Module]:
-    return {
-        Component.UNET: UNetModel(recipe.unet, attention),
-        Component.VAE: AutoencoderKL(recipe.vae, attention),
-        Component.TEXT_ENCODER: build_text_encoder(recipe.text_encoder, attention),
+def build_models(recipe: Recipe, attention: AttentionImpl = AttentionImpl.SDPA,
+                 parts: Sequence[Component] | None = None) -> dict[Component, nn.Module]:
+    builders = {
+        Component.UNET: lambda: UNetModel(recipe.unet, attention),
+        Component.VAE: lambda: AutoencoderKL(recipe.vae, attention),
+        Component.TEXT_ENCODER: lambda: build_text_encoder(recipe.text_encoder, attention),
     }
+    return {part: build() for part, build in builders.items() if parts is None or part in parts}
 
 
 def read_checkpoint(path: Path, recipe: Recipe) -> tuple[CheckpointStates, LoadReport]:

@@ -1,0 +1,169 @@
+"""ONNX graphs whose weights stay on disk: load the structure, run passes, write one data file.
+
+A model held "as structure" keeps every tensor of at least `SPILL_BYTES` in an external-data file
+beside its `model.onnx` (ONNX's external data: location relative to the model's directory, byte
+offset and length); only the graph and the small constants are in memory. Passes run on it inside
+`inside(directory)`, so onnx-graphsurgeon and ONNX Runtime find the external tensors they read
+(relative locations resolve against the working directory when a model has no path of its own).
+Tensors a pass creates are in memory until `spill` writes them out with the others. Writing copies
+external bytes in bounded chunks and never serializes a weight-sized protobuf, so no step holds
+more than the weights a pass has just created.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom for the graph itself
+SPILL_BYTES = 1024  # tensors this large or larger live in the data file; smaller stay in the graph
+ALIGNMENT = 4096  # data-file offsets, so ONNX Runtime can map tensors in place
+CHUNK_BYTES = 64 * 1024**2
+
+
+def data_file_of(model_path: Path) -> Path:
+    """`model.onnx` -> `model.onnx.data`: the one external-data file beside a graph."""
+    return model_path.with_name(model_path.name + ".data")
+
+
+@contextlib.contextmanager
+def inside(directory: Path) -> Iterator[None]:
+    """Run with `directory` as the working directory (where a structure's data file lives)."""
+    previous = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def load_structure(path: Path) -> onnx.ModelProto:
+    """The graph at `path` without loading its external data (tensors embedded in it are loaded)."""
+    return onnx.load(str(path), load_external_data=False)
+
+
+def external_info(tensor: TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    """Bytes of a tensor's data, in memory or external."""
+    if uses_external_data(tensor):
+        return int(external_info(tensor)["length"])
+    return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
+
+
+def data_bytes(model: onnx.ModelProto) -> int:
+    return sum(tensor_nbytes(t) for t in _get_all_tensors(model))
+
+
+def read_external(tensor: TensorProto, directory: Path) -> bytes:
+    """The bytes of an external tensor whose location is relative to `directory`."""
+    info = external_info(tensor)
+    with open(Path(directory) / info["location"], "rb") as source:
+        source.seek(int(info.get("offset", 0)))
+        return source.read(int(info["length"]))
+
+
+def spill(model: onnx.ModelProto, model_path: Path, source_dir: Path | None,
+          threshold: int = SPILL_BYTES) -> list[Path]:
+    """Write `model` to `model_path`, every tensor of at least `threshold` bytes into its one data file.
+
+    External tensors are read from `source_dir` (the directory their locations are relative to) and
+    copied chunk by chunk (smaller ones are embedded); in-memory ones are written and dropped from the
+    proto. `model` is
+    changed in place to describe the written files. The data file must not be a source: write to
+    another directory than `source_dir`. Returns the files written.
+    """
+    model_path = Path(model_path)
+    data = data_file_of(model_path)
+    if source_dir is not None and data.resolve() == (Path(source_dir) / data.name).resolve():
+        raise ValueError(f"spill would overwrite its own source {data}")
+    tensors = list(_get_all_tensors(model))
+    for tensor in tensors:
+        if uses_external_data(tensor) and tensor_nbytes(tensor) < threshold:
+            _embed_tensor(tensor, Path(source_dir))
+    moved = [t for t in tensors if tensor_nbytes(t) >= threshold]
+    if not moved:
+        onnx.save_model(model, str(model_path))
+        return [model_path]
+    with open(data, "wb") as target:
+        for tensor in moved:
+            _align(target)
+            offset = target.tell()
+            if uses_external_data(tensor):
+                _copy_external(tensor, Path(source_dir), target)
+            else:
+                target.write(tensor.raw_data if tensor.HasField("raw_data") else _as_raw(tensor))
+            _point_to(tensor, data.name, offset, target.tell() - offset)
+    onnx.save_model(model, str(model_path))
+    return [model_path, data]
+
+
+def embed(model: onnx.ModelProto, source_dir: Path) -> None:
+    """Read every external tensor of `model` (locations relative to `source_dir`) into the proto."""
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            _embed_tensor(tensor, source_dir)
+
+
+def _embed_tensor(tensor: TensorProto, source_dir: Path) -> None:
+    raw = read_external(tensor, source_dir)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.DEFAULT
+    tensor.raw_data = raw
+
+
+def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None, always_external: bool = False) -> list[Path]:
+    """The bundle's form of a graph: one `model.onnx`, plus one `model.onnx.data` when its tensors would
+    pass protobuf's limit (or `always_external`). `model` is consumed. Returns the files written."""
+    if always_external or data_bytes(model) >= PROTOBUF_LIMIT:
+        return spill(model, path, source_dir)
+    if source_dir is not None:
+        embed(model, source_dir)
+    onnx.save_model(model, str(path))
+    return [Path(path)]
+
+
+def _copy_external(tensor: TensorProto, source_dir: Path, target) -> None:
+    info = external_info(tensor)
+    remaining = int(info["length"])
+    with open(source_dir / info["location"], "rb") as source:
+        source.seek(int(info.get("offset", 0)))
+        while remaining:
+            chunk = source.read(min(CHUNK_BYTES, remaining))
+            if not chunk:
+                raise ValueError(f"external data of {tensor.name} ends {remaining} bytes early in {info['location']}")
+            target.write(chunk)
+            remaining -= len(chunk)
+
+
+def _as_raw(tensor: TensorProto) -> bytes:
+    """A tensor stored in typed fields (float_data, int64_data, ...) as raw little-endian bytes."""
+    from onnx import numpy_helper
+
+    array = numpy_helper.to_array(tensor)
+    raw = numpy_helper.from_array(array, tensor.name).raw_data
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    return raw
+
+
+def _point_to(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _align(target) -> None:
+    padding = -target.tell() % ALIGNMENT
+    if padding:
+        target.write(b"\0" * padding)
