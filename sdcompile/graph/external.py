@@ -16,8 +16,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom for the graph itself
@@ -128,6 +131,28 @@ def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None, alwa
         embed(model, source_dir)
     onnx.save_model(model, str(path))
     return [Path(path)]
+
+
+class CreatedTensors:
+    """Where a pass puts the large tensors it creates (the fp16 copies of the weights): appended to one
+    data file in `directory`, the directory the pass runs in, and held as lazily loaded constants that
+    refer to it, so memory does not hold them; `directory` None keeps them in memory."""
+
+    FILE_NAME = "created.data"
+
+    def __init__(self, directory: Path | None):
+        self.directory = directory
+
+    def constant(self, name: str, values: np.ndarray) -> gs.Constant:
+        if self.directory is None or values.nbytes < SPILL_BYTES:
+            return gs.Constant(name, values)
+        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype), dims=values.shape)
+        with open(Path(self.directory) / self.FILE_NAME, "ab") as target:
+            _align(target)
+            offset = target.tell()
+            target.write(np.ascontiguousarray(values).tobytes())
+        _point_to(proto, self.FILE_NAME, offset, values.nbytes)
+        return gs.Constant(name, LazyValues(proto))
 
 
 def _copy_external(tensor: TensorProto, source_dir: Path, target) -> None:
