@@ -108,13 +108,6 @@ def spill(model: onnx.ModelProto, model_path: Path, source_dir: Path | None,
     return [model_path, data]
 
 
-def embed(model: onnx.ModelProto, source_dir: Path) -> None:
-    """Read every external tensor of `model` (locations relative to `source_dir`) into the proto."""
-    for tensor in _get_all_tensors(model):
-        if uses_external_data(tensor):
-            _embed_tensor(tensor, source_dir)
-
-
 def _embed_tensor(tensor: TensorProto, source_dir: Path) -> None:
     raw = read_external(tensor, source_dir)
     del tensor.external_data[:]
@@ -127,10 +120,67 @@ def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None, alwa
     pass protobuf's limit (or `always_external`). `model` is consumed. Returns the files written."""
     if always_external or data_bytes(model) >= PROTOBUF_LIMIT:
         return spill(model, path, source_dir)
-    if source_dir is not None:
-        embed(model, source_dir)
-    onnx.save_model(model, str(path))
+    write_embedded(model, path, source_dir)
     return [Path(path)]
+
+
+def write_embedded(model: onnx.ModelProto, path: Path, source_dir: Path | None) -> None:
+    """One self-contained `model.onnx`, written one initializer at a time.
+
+    The graph without its initializers is serialized first; each initializer follows as its own
+    `graph { initializer { ... } }` fragment, which protobuf parsers merge into the one graph, in
+    order (an embedded message field that appears more than once is merged). So memory holds one
+    tensor's bytes, never the whole serialized model. The file must stay under protobuf's 2 GiB.
+    """
+    structure = onnx.ModelProto()
+    _copy_fields(model, structure, skip="graph")
+    _copy_fields(model.graph, structure.graph, skip="initializer")
+    with open(path, "wb") as target:
+        target.write(structure.SerializeToString())
+        for tensor in model.graph.initializer:
+            inline = _inlined(tensor, source_dir) if uses_external_data(tensor) else tensor
+            fragment = _field(_GRAPH_INITIALIZER, inline.SerializeToString())
+            target.write(_field(_MODEL_GRAPH, fragment))
+
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5  # field numbers: ModelProto.graph, GraphProto.initializer
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Every set field of protobuf message `source` but `skip` into `target` (of the same type)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _inlined(tensor: TensorProto, source_dir: Path) -> TensorProto:
+    """A copy of an external tensor with its bytes in `raw_data`."""
+    inline = TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = TensorProto.DEFAULT
+    inline.raw_data = read_external(tensor, source_dir)
+    return inline
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: key (number << 3 | wire type 2), varint length, payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 class CreatedTensors:
