@@ -18,7 +18,8 @@ import numpy as np
 
 from sdrun.bundle import sha256_file
 from sdrun.errors import UserError
-from sdrun.safetensors_extent import check_safetensors_extent
+from sdrun.safetensors_extent import (HEADER_LENGTH_BYTES, METADATA_KEY, check_safetensors_extent, read_header,
+                                      tensor_extents)
 
 # name prefix -> (model, layout); the model names are the ldm layout's (`sdrun.diffusers_names.LDM_PREFIXES`).
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -30,6 +31,7 @@ DIFFUSERS_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.d
                       ".lora.up.weight": "up"}
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' metadata key: {model: PEFT LoraConfig as a dict}
 EXAMPLES = 3  # keys quoted in an error
+FLOAT_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}  # safetensors dtype -> numpy, besides BF16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +74,35 @@ def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         raise UserError(f"cannot read LoRA {path.name}: only .safetensors LoRA files are read.",
                         got=path.suffix or "no suffix", fix="convert the LoRA to .safetensors")
     check_safetensors_extent(path)
+    length, header = read_header(path, path.stat().st_size)
+    metadata = header.get(METADATA_KEY) or {}
+    extents = tensor_extents(path, header)
+    if any(extent.dtype == "BF16" for extent in extents):
+        return _widened_tensors(path, HEADER_LENGTH_BYTES + length, extents), metadata
     try:
-        with safetensors.safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
         return safetensors.numpy.load_file(str(path)), metadata
     except (safetensors.SafetensorError, TypeError, ValueError) as err:
-        raise UserError(f"cannot read LoRA {path} ({err}).", expected="float32 or float16 tensors",
-                        fix="save the LoRA with float16 or float32 weights (bfloat16 is not read yet)") from None
+        raise UserError(f"cannot read LoRA {path} ({err}).", expected="float16, bfloat16 or float32 tensors",
+                        fix="save the LoRA with floating-point weights") from None
+
+
+def _widened_tensors(path: Path, data_start: int, extents) -> dict[str, np.ndarray]:
+    """Every tensor of a file holding bfloat16 ones, those widened to float32 (numpy has no bfloat16; its bits
+    are the upper half of a float32's)."""
+    tensors = {}
+    with open(path, "rb") as file:
+        for extent in extents:
+            if extent.dtype != "BF16" and extent.dtype not in FLOAT_DTYPES:
+                raise UserError(f"LoRA {path.name}: tensor {extent.name} is {extent.dtype}.",
+                                expected="float16, bfloat16 or float32 tensors", fix="pass an intact LoRA file")
+            file.seek(data_start + extent.begin)
+            raw = file.read(extent.end - extent.begin)
+            if extent.dtype == "BF16":
+                value = (np.frombuffer(raw, "<u2").astype("<u4") << 16).view("<f4")
+            else:
+                value = np.frombuffer(raw, FLOAT_DTYPES[extent.dtype])
+            tensors[extent.name] = value.reshape(extent.shape)
+    return tensors
 
 
 def _layout(path: Path, tensors: dict) -> str:

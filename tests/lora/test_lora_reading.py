@@ -97,3 +97,15 @@ def test_underscore_names_that_two_paths_share_resolve_to_neither():
 
     table = kohya_table({"a.b_c": "k1", "a_b.c": "k2", "d.e": "k3"})
     assert table == {"a_b_c": None, "d_e": "k3"}
+
+
+def test_bfloat16_files_are_widened_exactly(tmp_path, tiny_recipe):
+    import safetensors.torch
+    import torch
+
+    down, up = pair()
+    path = tmp_path / "bf16.safetensors"
+    safetensors.torch.save_file({f"unet.{Q}.lora_A.weight": torch.from_numpy(down).bfloat16(),
+                                 f"unet.{Q}.lora_B.weight": torch.from_numpy(up).bfloat16()}, str(path))
+    expected = torch.from_numpy(up).bfloat16().float() @ torch.from_numpy(down).bfloat16().float()
+    np.testing.assert_allclose(delta(path, tiny_recipe)[0], expected.numpy(), rtol=1e-6, atol=1e-6)
