@@ -38,13 +38,11 @@ def resolved_modules(lora: LoraFile, model: str, ldm_keys: Sequence[str], recipe
 
 def _unmatched_error(lora: LoraFile, model: str, recipe: Recipe, matched: int, unmatched: list[str],
                      table: Mapping[str, str | None]) -> UserError:
-    kind = "most" if matched < len(unmatched) else "some"
     return UserError(
         f"LoRA {lora.path.name}: {len(unmatched)} of its {matched + len(unmatched)} {model} modules match no "
-        f"weight of the {recipe.name} {model} ({matched} match); {kind} of it was made for another model or "
-        "architecture.", expected=f"names of the {len(table)} {model} weights, such as "
-                                           f"{', '.join(sorted(table)[:EXAMPLES])}",
-        got=f"{', '.join(unmatched[:EXAMPLES])}", fix=f"use a LoRA trained for {recipe.name}'s architecture")
+        f"weight of the {recipe.name} {model} ({matched} match): was it made for another model or architecture?",
+        expected=f"names of the {len(table)} {model} weights, such as {', '.join(sorted(table)[:EXAMPLES])}",
+        got=", ".join(unmatched[:EXAMPLES]), fix=f"use a LoRA trained for {recipe.name}'s architecture")
 
 
 def fitted_modules(lora: LoraFile, model: str, shapes: Mapping[str, tuple[int, ...]],

@@ -19,6 +19,7 @@ from sdrun.errors import UserError
 from sdrun.lora.delta import lora_deltas
 from sdrun.lora.file import LoraFile, read_lora
 from sdrun.lora.request import LoraRequest, lora_record
+from sdrun.recipe import Recipe
 
 WEIGHT_MAP = "weight_map.json"
 Overrides = dict[str, dict[str, np.ndarray]]  # component -> initializer name -> replacement value
@@ -64,7 +65,7 @@ def _model_of(weight_map: dict[str, dict]) -> str | None:
 
 
 def _component_overrides(graph: Path, weight_map: dict[str, dict], model: str, loras: list[tuple[LoraFile, float]],
-                         recipe) -> tuple[dict[str, np.ndarray], list[int]]:
+                         recipe: Recipe) -> tuple[dict[str, np.ndarray], list[int]]:
     import onnx
 
     structure = onnx.load(str(graph), load_external_data=False)

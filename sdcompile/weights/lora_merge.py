@@ -10,7 +10,7 @@ from sdcompile.recipes import Recipe
 from sdcompile.weights.layout import LDM_PREFIXES, Component
 from sdcompile.weights.loading import StableDiffusionModels, build_models
 from sdrun.errors import UserError
-from sdrun.lora import LoraRequest, lora_deltas, lora_record, read_lora
+from sdrun.lora import LoraFile, LoraRequest, lora_deltas, lora_record, read_lora
 from sdrun.lora.delta import fitted_modules
 
 MERGED_MODELS = (Component.UNET, Component.TEXT_ENCODER)
@@ -59,7 +59,7 @@ class LoraMerge:
                 for request, lora, touched in zip(self.requests, self.files, self.touched)]
 
 
-def _check_models(lora) -> None:
+def _check_models(lora: LoraFile) -> None:
     known = {part.value for part in MERGED_MODELS}
     foreign = sorted({model for model, _ in lora.modules} - known)
     if foreign:

@@ -109,3 +109,16 @@ def test_bfloat16_files_are_widened_exactly(tmp_path, tiny_recipe):
                                  f"unet.{Q}.lora_B.weight": torch.from_numpy(up).bfloat16()}, str(path))
     expected = torch.from_numpy(up).bfloat16().float() @ torch.from_numpy(down).bfloat16().float()
     np.testing.assert_allclose(delta(path, tiny_recipe)[0], expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_text_encoder_loras_for_the_openclip_encoder_are_refused_for_now(tmp_path):
+    from sdcompile.recipes import load_recipe
+    from sdrun.errors import UserError
+    from sdrun.lora import lora_deltas, read_lora
+
+    down, up = pair()
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    path = save(tmp_path / "te.safetensors", {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up})
+    key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    with pytest.raises(UserError, match="OpenCLIP"):
+        lora_deltas([(read_lora(path), 1.0)], "text_encoder", {key: (96, 32)}, load_recipe("tiny-v"))
