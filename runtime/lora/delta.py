@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -55,18 +55,19 @@ def fitted_modules(lora: LoraFile, model: str, shapes: Mapping[str, tuple[int, .
 
 
 def lora_deltas(loras: Sequence[tuple[LoraFile, float]], model: str, shapes: Mapping[str, tuple[int, ...]],
-                recipe: Recipe) -> tuple[dict[str, np.ndarray], list[int]]:
-    """ldm weight key -> ΔW (float32, in the weight's shape) of `loras` (file, scale) on `model`, whose weights
-    have `shapes`; and per LoRA the number of weights it changes."""
-    deltas: dict[str, np.ndarray] = {}
-    touched = []
-    for lora, scale in loras:
-        modules = fitted_modules(lora, model, shapes, recipe)
-        for key, pair in modules.items():
-            delta = weight_delta(pair, scale).reshape(shapes[key])
-            deltas[key] = deltas[key] + delta if key in deltas else delta
-        touched.append(len(modules))
-    return deltas, touched
+                recipe: Recipe) -> tuple[Iterator[tuple[str, np.ndarray]], list[int]]:
+    """(ldm weight key, ΔW float32 in the weight's shape) of `loras` (file, scale) on `model`, whose weights have
+    `shapes`, one weight at a time (so a caller holds one ΔW, not a model's worth); and per LoRA the number of
+    weights it changes. Every module is matched and checked before the first ΔW."""
+    fitted = [(fitted_modules(lora, model, shapes, recipe), scale) for lora, scale in loras]
+    keys = dict.fromkeys(key for modules, _ in fitted for key in modules)
+
+    def deltas() -> Iterator[tuple[str, np.ndarray]]:
+        for key in keys:
+            parts = [weight_delta(modules[key], scale) for modules, scale in fitted if key in modules]
+            yield key, sum(parts[1:], parts[0]).reshape(shapes[key])
+
+    return deltas(), [len(modules) for modules, _ in fitted]
 
 
 def _check_fits(pair: LoraPair, shape: tuple[int, ...], lora: LoraFile, key: str) -> None:

@@ -75,12 +75,14 @@ def _component_overrides(graph: Path, weight_map: dict[str, dict], model: str, l
         dims = tuple(initializers[name].dims)
         shapes[entry["checkpoint"]] = dims[::-1] if entry["transform"] == "transpose" else dims
     deltas, touched = lora_deltas(loras, model, shapes, recipe)
-    values = {}
+    holders: dict[str, list[str]] = {}  # checkpoint key -> the initializers holding it
     for name, entry in weight_map.items():
-        delta = deltas.get(entry["checkpoint"])
-        if delta is not None:
+        holders.setdefault(entry["checkpoint"], []).append(name)
+    values = {}
+    for key, delta in deltas:
+        for name in holders[key]:
             base = _initializer_array(initializers[name], graph.parent)
-            moved = delta.T if entry["transform"] == "transpose" else delta
+            moved = delta.T if weight_map[name]["transform"] == "transpose" else delta
             values[name] = (base.astype(np.float32) + moved).astype(base.dtype)
     return values, touched
 

@@ -47,7 +47,7 @@ class LoraMerge:
         loras = [(lora, request.scale) for lora, request in zip(self.files, self.requests)]
         deltas, touched = lora_deltas(loras, part.value, shapes, self.recipe)
         with torch.no_grad():
-            for key, delta in deltas.items():
+            for key, delta in deltas:
                 weight = state[key[len(prefix):]]
                 weight.add_(torch.from_numpy(delta).to(weight.dtype))
         for record, count in zip(self.touched, touched):

@@ -28,7 +28,7 @@ def delta(path: Path, recipe, scale=1.0):
     from sdrun.lora import lora_deltas, read_lora
 
     deltas, touched = lora_deltas([(read_lora(path), scale)], "unet", SHAPES, recipe)
-    return deltas[Q_KEY], touched
+    return dict(deltas)[Q_KEY], touched
 
 
 def test_every_layout_gives_scale_times_alpha_over_rank_times_up_down(tmp_path, tiny_recipe):
@@ -65,7 +65,7 @@ def test_fp16_kohya_locon_3x3_conv(tmp_path, tiny_recipe):
     path = save(tmp_path / "locon.safetensors", {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                                                  f"{name}.alpha": np.array(2, np.float16)})
     key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
-    deltas, _ = lora_deltas([(read_lora(path), 1.0)], "unet", {key: (32, 32, 3, 3)}, tiny_recipe)
+    deltas = dict(lora_deltas([(read_lora(path), 1.0)], "unet", {key: (32, 32, 3, 3)}, tiny_recipe)[0])
     expected = np.einsum("or,rikl->oikl", up[:, :, 0, 0].astype(np.float32), down.astype(np.float32)) * 2 / 4
     np.testing.assert_allclose(deltas[key], expected, rtol=1e-5, atol=1e-5)
 
