@@ -67,7 +67,8 @@ class EngineRecord:
     onnx_sha256: dict  # bundle-relative path -> sha256 of every ONNX file the engine came from
     build_seconds: float
     static: bool  # min = opt = max for every input
-    # optimization level, workspace, device name, "attention" ("decomposed" | "fused"), "tf32" (bool)
+    # optimization level, workspace, device name, "attention" ("decomposed" | "fused"), "tf32" (bool),
+    # "refittable" (bool)
     builder: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -75,6 +76,11 @@ class EngineRecord:
         """Whether fp32 products may round to TF32; records from before the choice was made had
         TensorRT's default, on."""
         return bool(self.builder.get("tf32", True))
+
+    @property
+    def refittable(self) -> bool:
+        """Whether the engine was built so its weights can be replaced (`build-trt --refittable`)."""
+        return bool(self.builder.get("refittable", False))
 
     @property
     def attention(self) -> str:

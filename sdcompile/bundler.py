@@ -22,7 +22,7 @@ from sdcompile.components import COMPONENTS, component_spec, selected_components
 from sdcompile.components.spec import ComponentSpec, dim_multiples, input_profile, trace_binding, verify_binding
 from sdcompile.export import name_io_dims, trace_to_file
 from sdcompile.fingerprint import HASHED_COMPONENTS, WeightsDigest
-from sdcompile.graph.external import inside, load_structure, save_graph
+from sdcompile.graph.external import inside, load_structure, save_graph, spill
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.passes import default_passes, optimize_on_disk, run_pass
 from sdcompile.recipes import Recipe, TokenizerPadding
@@ -194,7 +194,9 @@ def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized
         with inside(base.parent):
             model, derivation = run_pass(spec.derived_by, load_structure(base))
         name_io_dims(model, spec.inputs, spec.outputs)
-        source_dir = base.parent
+        source_dir = staging / WORK_DIR / spec.name / "derived"
+        source_dir.mkdir(parents=True)
+        spill(model, source_dir / "model.onnx", base.parent)
         passes = [*records[spec.derived_from].passes, spec.derived_by]
         pass_report = {spec.derived_by: derivation}
         phases.done(f"derived from {spec.derived_from}")
@@ -206,6 +208,7 @@ def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized
     directory = staging / spec.name
     directory.mkdir()
     weight_map = final_map(model, sources)
+    checked = source_dir / "model.onnx"  # the same tensors as the bundle's graph, in external-data form
     written = save_graph(model, directory / "model.onnx", source_dir, config.external_data)
     written.append(write_weight_map(weight_map, directory / WEIGHT_MAP))
     del model
@@ -214,7 +217,7 @@ def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized
               "weight_map": {"file": f"{spec.name}/{WEIGHT_MAP}", "mapped": len(weight_map["initializers"]),
                              "unmapped": len(weight_map["unmapped"])}}
     if config.verify:
-        report["verification"] = verify_graph(spec.name, traced.references, traced.checked, written[0],
+        report["verification"] = verify_graph(spec.name, traced.references, traced.checked, checked,
                                               config.precision, log)
         phases.done("verified")
     report["phases"] = phases.seconds

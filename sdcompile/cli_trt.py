@@ -33,8 +33,9 @@ SHAPE_HELP = "profile {} shapes as AXIS=VALUE pairs, e.g. batch=2,height=768,wid
                    f"(TensorRT >= {'.'.join(map(str, ATTENTION_TENSORRT))})")
 @click.option("--tf32", is_flag=True, help="let fp32 matrix products and convolutions use TF32 (10-bit mantissa "
                                            "inputs); off by default, so fp32 engines compute in fp32")
+@click.option("--refittable", is_flag=True, help="engines whose weights sdrun can replace at run time (--lora)")
 def build_trt_command(bundle, components, static, min_shapes, opt_shapes, max_shapes, timing_cache,
-                      builder_optimization_level, max_workspace, attention, tf32) -> None:
+                      builder_optimization_level, max_workspace, attention, tf32, refittable) -> None:
     """Build TensorRT engines for the components of BUNDLE (needs TensorRT and an NVIDIA GPU).
 
     \b
@@ -47,7 +48,8 @@ def build_trt_command(bundle, components, static, min_shapes, opt_shapes, max_sh
     overrides = {level: parse_shape_override(level, text) for level, text in texts.items() if text}
     shapes = ShapeRequest(ShapeMode.STATIC if static else ShapeMode.DYNAMIC, overrides)
     options = BuildOptions(shapes=shapes, timing_cache=timing_cache, optimization_level=builder_optimization_level,
-                           max_workspace=max_workspace, attention=AttentionPath(attention), tf32=tf32)
+                           max_workspace=max_workspace, attention=AttentionPath(attention), tf32=tf32,
+                           refittable=refittable)
     manifest = build_engines(BuildRequest(bundle, tuple(components), options),
                              log=lambda line: click.echo(line, err=True))
     built = [name for name in manifest.components if name in components or "all" in components]

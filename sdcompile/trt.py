@@ -54,6 +54,7 @@ class BuildOptions:
     # Decomposed until a GPU run shows TensorRT's Attention importer building and matching.
     attention: AttentionPath = AttentionPath.DECOMPOSED
     tf32: bool = False  # let fp32 matrix products and convolutions round their inputs to TF32
+    refittable: bool = False  # weights can be replaced after the build (a LoRA at run time), `trt.Refitter`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,7 @@ def parser_graph(bundle: Path, record: ComponentRecord, attention: AttentionPath
     import onnx
 
     from sdcompile.graph.attention_match import FUSED_ATTENTION_OPS
+    from sdcompile.graph.external import inside
     from sdcompile.passes import run_pass
 
     graph = Path(bundle) / record.graph
@@ -163,7 +165,8 @@ def parser_graph(bundle: Path, record: ComponentRecord, attention: AttentionPath
     if model is None or not any((n.domain, n.op_type) in FUSED_ATTENTION_OPS for n in model.graph.node):
         yield graph
         return
-    decomposed, _ = run_pass("unfuse-attention", model)
+    with inside(graph.parent):  # any weight the pass reads, it reads from the graph's data file
+        decomposed, _ = run_pass("unfuse-attention", model)
     del model
     handle, name = tempfile.mkstemp(prefix=f".{graph.stem}.decomposed-", suffix=".onnx", dir=graph.parent)
     os.close(handle)
@@ -204,7 +207,7 @@ def engine_record(relative: str, digest: str, target: BuildTarget, record: Compo
                         onnx_sha256=dict(record.files), build_seconds=seconds, static=is_static(profile),
                         builder={"device": target.device, "optimization_level": options.optimization_level,
                                  "max_workspace": options.max_workspace, "attention": options.attention.value,
-                                 "tf32": options.tf32})
+                                 "tf32": options.tf32, "refittable": options.refittable})
 
 
 def graph_info_from_onnx(path: Path) -> GraphInfo:
@@ -271,6 +274,8 @@ def config_from_options(trt, builder: trt.Builder, options: BuildOptions, shapes
     # to strongly typed networks; cleared for every graph: fp32 graphs, and the fp32 islands of fp16 graphs.
     if not options.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
+    if options.refittable:  # REFIT, not REFIT_IDENTICAL: a LoRA brings different weights
+        config.set_flag(trt.BuilderFlag.REFIT)
     if options.max_workspace is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.max_workspace)
     if options.optimization_level is not None:

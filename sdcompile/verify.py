@@ -25,7 +25,8 @@ def eager_outputs(module: torch.nn.Module, inputs: dict) -> tuple[np.ndarray, ..
 def verify_graph(name: str, references: tuple[np.ndarray, ...], inputs: dict, graph: Path, precision: Precision,
                  log) -> list[dict]:
     """Gate every output of `graph` on `inputs` against the eager `references`; returns the verdicts as plain
-    data. The session shares no memory with an eager model: the caller has freed it."""
+    data. The session shares no memory with an eager model: the caller has freed it. `graph` is best in
+    external-data form, which ONNX Runtime maps instead of parsing into memory."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(graph), lean_session_options(), providers=["CPUExecutionProvider"])
@@ -43,11 +44,14 @@ def verify_graph(name: str, references: tuple[np.ndarray, ...], inputs: dict, gr
 
 
 def lean_session_options():
-    """ONNX Runtime CPU options that keep one copy of the weights: no pre-packed duplicates of them."""
+    """ONNX Runtime CPU options that keep one copy of the weights: no pre-packed duplicates, and no graph
+    optimizations, which on an fp16 graph fold the Casts ONNX Runtime's CPU kernels need into fp32 copies
+    of the weights. The graph is checked as written, node by node."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_prepacking", "1")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options
 
 

@@ -26,6 +26,8 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 
 from sdrun.backends import BackendOptions
 from sdrun.backends.cuda import Cuda, CudaError, DeviceAllocations, import_cudart
@@ -234,6 +236,30 @@ def context_with_memory(trt, engine: trt.ICudaEngine, memory: DeviceMemoryApi, p
         raise CudaError(f"TensorRT could not create an execution context for {engine.name}")
     memory.attach(context, pointer, size)
     return context
+
+
+def refit_engine(trt, engine: trt.ICudaEngine, logger: trt.ILogger, weights: dict[str, np.ndarray],
+                 rebuild_hint: str) -> None:
+    """Replace named weights of a refittable engine (W + ΔW of a LoRA, keyed by ONNX initializer name, which
+    TensorRT's ONNX parser gives the weights it imports) with `trt.Refitter`, on the host copies."""
+    if not engine.refittable:
+        raise UserError(f"the TensorRT engine {engine.name} was built without --refittable, so a LoRA cannot "
+                        "be applied to it at run time.", fix=f"rebuild it: {rebuild_hint} --refittable")
+    refitter = trt.Refitter(engine, logger)
+    known = set(refitter.get_all_weights())
+    folded = sorted(set(weights) - known)
+    if folded:
+        raise UserError(f"TensorRT folded {len(folded)} of the weights a LoRA changes into other layers of "
+                        f"{engine.name}, so they cannot be refit.", got=", ".join(folded[:5]),
+                        fix="merge the LoRA at export instead: sdcompile export --lora FILE[:SCALE]")
+    arrays = {name: np.ascontiguousarray(values) for name, values in weights.items()}  # alive until the refit
+    for name, values in arrays.items():
+        if not refitter.set_named_weights(name, trt.Weights(values)):
+            raise UserError(f"TensorRT refused new values for {name} ({values.dtype}, {values.shape}).",
+                            fix="check that the LoRA was made for this model")
+    if refitter.get_missing_weights() or not refitter.refit_cuda_engine():
+        raise UserError(f"TensorRT could not refit {engine.name}.", got=", ".join(refitter.get_missing_weights()[:5]),
+                        fix="merge the LoRA at export instead: sdcompile export --lora FILE[:SCALE]")
 
 
 def engine_from_bundle(runtime: trt.Runtime, bundle: Path, verdict: EngineVerdict) -> trt.ICudaEngine:

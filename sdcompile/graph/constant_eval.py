@@ -8,6 +8,8 @@ the same array, and a mask can be checked for a property (causality) under each 
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +18,7 @@ import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from sdcompile.graph.surgery import has_subgraph, producer
+from sdcompile.graph.surgery import constant_values, has_subgraph, producer
 
 MAX_SUBGRAPH_NODES = 64
 MAX_CONSTANT_ELEMENTS = 1 << 20
@@ -38,7 +40,7 @@ def _collect(tensor: gs.Tensor) -> _Subgraph | None:
 
     def visit(t: gs.Tensor) -> bool:
         if isinstance(t, gs.Constant):
-            if t.values.size > MAX_CONSTANT_ELEMENTS:
+            if math.prod(t.shape) > MAX_CONSTANT_ELEMENTS:  # the shape alone: weights are not read
                 return False
             constants[t.name] = t
             return True
@@ -98,7 +100,7 @@ def sentinel_values(tensor: gs.Tensor, opset: int) -> tuple[np.ndarray, ...] | N
     """The tensor's value under each sentinel assignment of unknown dims (one value when the
     subgraph reads no shapes); None when it depends on anything but constants and shapes."""
     if isinstance(tensor, gs.Constant):
-        return (np.asarray(tensor.values),)
+        return (np.asarray(constant_values(tensor)),)
     sub = _collect(tensor)
     if sub is None:
         return None

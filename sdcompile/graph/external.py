@@ -16,8 +16,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom for the graph itself
@@ -105,13 +108,6 @@ def spill(model: onnx.ModelProto, model_path: Path, source_dir: Path | None,
     return [model_path, data]
 
 
-def embed(model: onnx.ModelProto, source_dir: Path) -> None:
-    """Read every external tensor of `model` (locations relative to `source_dir`) into the proto."""
-    for tensor in _get_all_tensors(model):
-        if uses_external_data(tensor):
-            _embed_tensor(tensor, source_dir)
-
-
 def _embed_tensor(tensor: TensorProto, source_dir: Path) -> None:
     raw = read_external(tensor, source_dir)
     del tensor.external_data[:]
@@ -124,10 +120,89 @@ def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None, alwa
     pass protobuf's limit (or `always_external`). `model` is consumed. Returns the files written."""
     if always_external or data_bytes(model) >= PROTOBUF_LIMIT:
         return spill(model, path, source_dir)
-    if source_dir is not None:
-        embed(model, source_dir)
-    onnx.save_model(model, str(path))
+    write_embedded(model, path, source_dir)
     return [Path(path)]
+
+
+def write_embedded(model: onnx.ModelProto, path: Path, source_dir: Path | None) -> None:
+    """One self-contained `model.onnx`, written one initializer at a time.
+
+    The graph without its initializers is serialized first; each initializer follows as its own
+    `graph { initializer { ... } }` fragment, which protobuf parsers merge into the one graph, in
+    order (an embedded message field that appears more than once is merged). So memory holds one
+    tensor's bytes, never the whole serialized model. The file must stay under protobuf's 2 GiB.
+    """
+    structure = onnx.ModelProto()
+    _copy_fields(model, structure, skip="graph")
+    _copy_fields(model.graph, structure.graph, skip="initializer")
+    with open(path, "wb") as target:
+        target.write(structure.SerializeToString())
+        for tensor in model.graph.initializer:
+            inline = _inlined(tensor, source_dir) if uses_external_data(tensor) else tensor
+            fragment = _field(_GRAPH_INITIALIZER, inline.SerializeToString())
+            target.write(_field(_MODEL_GRAPH, fragment))
+
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5  # field numbers: ModelProto.graph, GraphProto.initializer
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Every set field of protobuf message `source` but `skip` into `target` (of the same type)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _inlined(tensor: TensorProto, source_dir: Path) -> TensorProto:
+    """A copy of an external tensor with its bytes in `raw_data`."""
+    inline = TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = TensorProto.DEFAULT
+    inline.raw_data = read_external(tensor, source_dir)
+    return inline
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: key (number << 3 | wire type 2), varint length, payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class CreatedTensors:
+    """Where a pass puts the large tensors it creates (the fp16 copies of the weights): appended to one
+    data file in `directory`, the directory the pass runs in, and held as lazily loaded constants that
+    refer to it, so memory does not hold them; `directory` None keeps them in memory."""
+
+    FILE_NAME = "created.data"
+
+    def __init__(self, directory: Path | None):
+        self.directory = directory
+
+    def constant(self, name: str, values: np.ndarray) -> gs.Constant:
+        if self.directory is None or values.nbytes < SPILL_BYTES:
+            return gs.Constant(name, values)
+        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype), dims=values.shape)
+        with open(Path(self.directory) / self.FILE_NAME, "ab") as target:
+            _align(target)
+            offset = target.tell()
+            target.write(np.ascontiguousarray(values).tobytes())
+        _point_to(proto, self.FILE_NAME, offset, values.nbytes)
+        return gs.Constant(name, LazyValues(proto))
 
 
 def _copy_external(tensor: TensorProto, source_dir: Path, target) -> None:

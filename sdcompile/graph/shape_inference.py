@@ -9,8 +9,6 @@ temporary folder with external data and checked from the file.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -18,8 +16,6 @@ import onnx_graphsurgeon as gs
 from sdcompile.graph.surgery import copy_graph
 
 # Protobuf refuses to serialise a message of 2 GiB or more; keep a margin for the graph itself.
-IN_MEMORY_LIMIT_BYTES = (2 << 30) - (64 << 20)
-EXTERNAL_DATA_FILE = "weights.bin"
 # Initializers up to this many elements keep their values (shape arithmetic reads them).
 SMALL_INITIALIZER_ELEMENTS = 1024
 # Ops ONNX inference leaves untyped although their output has the type and shape of input 0;
@@ -85,27 +81,13 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return _with_types_of(model, inferred)
 
 
-def _saved_with_external_data(model: onnx.ModelProto, folder: Path) -> Path:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    path = folder / "model.onnx"
-    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=EXTERNAL_DATA_FILE, size_threshold=1024)
-    return path
-
-
-def check_model_types(model: onnx.ModelProto, in_memory_limit_bytes: int | None = None) -> None:
-    """`onnx.checker.check_model(full_check=True)` after shape inference (which fills in the
-    graph outputs' shapes the checker requires); through a temporary file when the weights
-    reach `in_memory_limit_bytes` (None: just under 2 GiB)."""
-    inferred = infer_shapes(model)
-    limit = IN_MEMORY_LIMIT_BYTES if in_memory_limit_bytes is None else in_memory_limit_bytes
-    if weight_bytes(model) < limit:
-        onnx.checker.check_model(inferred, full_check=True)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        onnx.checker.check_model(str(_saved_with_external_data(inferred, Path(folder))),
-                                 full_check=True)
+def check_model_types(model: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model(full_check=True)` after shape inference (which fills in the graph
+    outputs' shapes the checker requires), on the light copy: large initializers stand in as typed
+    graph inputs, so no weight is copied, serialized or read from external data, at any model size."""
+    light = _light_copy(model)
+    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    onnx.checker.check_model(_with_types_of(light, inferred), full_check=True)
 
 
 def _with_input_dims(model: onnx.ModelProto, base: int) -> onnx.ModelProto:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 Dim = int | str | None
@@ -85,6 +86,18 @@ class NameSource:
             name = f"{base}_{suffix}"
         self._taken.add(name)
         return name
+
+
+def constant_values(constant: gs.Constant) -> np.ndarray:
+    """The constant's values, read without keeping them in the graph.
+
+    onnx-graphsurgeon's `Constant.values` replaces a lazily loaded tensor (one whose data stays in the
+    model, or in its external-data file) with the loaded array on first access, so a pass that reads
+    every weight once would end up holding all of them; a pass that replaces the constant needs the
+    values only while it converts them.
+    """
+    lazy = constant._values
+    return lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else constant.values
 
 
 def has_subgraph(node: gs.Node) -> bool:

@@ -33,6 +33,9 @@ class PassOptions:
     cleanup: CleanupOptions | None = None
     attention: AttentionOptions | None = None
     fp16: Fp16Options | None = None
+    # The directory the pass runs in, where it may write the large tensors it creates as external data
+    # (`optimize_on_disk` sets it for its own step directories); None: they stay in memory.
+    scratch: Path | None = None
 
 
 PASSES: dict[str, Callable[[onnx.ModelProto, PassOptions], PassResult]] = {
@@ -104,8 +107,9 @@ def optimize_on_disk(path: Path, passes: Sequence[str], work: Path, options: Pas
     options = _with_target(options or PassOptions(), attention_target)
     model, directory, reports = load_structure(path), Path(path).parent, {}
     for index, name in enumerate(passes):
+        owned = directory.parent == Path(work)  # a step of ours, not the caller's source
         with inside(directory):
-            model, reports[name] = run_pass(name, model, options)
+            model, reports[name] = run_pass(name, model, replace(options, scratch=directory if owned else None))
         step = Path(work) / f"{index}-{name}"
         step.mkdir(parents=True)
         spill(model, step / "model.onnx", directory)

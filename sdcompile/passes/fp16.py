@@ -24,10 +24,11 @@ from sdcompile.graph.dtypes import (FLOAT_TYPES, INTEGER_TYPES, DTYPE_ATTRIBUTE_
                                     allowed_dtypes, formal_input_type, node_schema, numpy_dtype,
                                     onnx_dtype, output_dtypes, tensor_dtypes, tied_float_inputs,
                                     topological_order)
+from sdcompile.graph.external import CreatedTensors
 from sdcompile.graph.fp16_policy import Fp16Options, IoDtype, fp32_island_nodes
 from sdcompile.graph.pass_result import GraphResult, PassResult, model_from_graph
 from sdcompile.graph.shape_inference import check_model_types
-from sdcompile.graph.surgery import NameSource, copy_graph, has_subgraph, producer, replace_uses
+from sdcompile.graph.surgery import NameSource, constant_values, copy_graph, has_subgraph, producer, replace_uses
 from sdcompile.inspection.fp16_audit import PrecisionAudit, audit_precision
 
 if TYPE_CHECKING:
@@ -71,8 +72,8 @@ def inline_constant_nodes(graph: gs.Graph) -> None:
 class _Casts:
     """Tensors converted to a float type, made once per (tensor, type)."""
 
-    def __init__(self, graph: gs.Graph, dtypes: dict[str, int]):
-        self.graph, self.dtypes, self.names = graph, dtypes, NameSource(graph)
+    def __init__(self, graph: gs.Graph, dtypes: dict[str, int], created: CreatedTensors):
+        self.graph, self.dtypes, self.names, self.created = graph, dtypes, NameSource(graph), created
         self._made: dict[tuple[str, int], gs.Tensor] = {}
 
     def as_type(self, tensor: gs.Tensor, dtype: int) -> gs.Tensor:
@@ -85,9 +86,9 @@ class _Casts:
 
     def _convert(self, tensor: gs.Tensor, dtype: int) -> gs.Tensor:
         if isinstance(tensor, gs.Constant):
-            values = tensor.values
+            values = constant_values(tensor)
             converted = fp16_values(values) if dtype == FP16 else values.astype(numpy_dtype(dtype))
-            constant = gs.Constant(self.names(f"{tensor.name}_{_SUFFIX[dtype]}"), converted)
+            constant = self.created.constant(self.names(f"{tensor.name}_{_SUFFIX[dtype]}"), converted)
             self.dtypes[constant.name] = dtype
             return constant
         source = producer(tensor)
@@ -222,14 +223,14 @@ def merge_casts(graph: gs.Graph, dtypes: dict[str, int]) -> int:
     return removed
 
 
-def _cast_graph(graph: gs.Graph, options: Fp16Options) -> GraphResult:
+def _cast_graph(graph: gs.Graph, options: Fp16Options, created: CreatedTensors = CreatedTensors(None)) -> GraphResult:
     g = copy_graph(graph)
     inline_constant_nodes(g)
     original = tensor_dtypes(g)
     island = fp32_island_nodes(g, options, original)
     dtypes = dict(original)
     _retype_graph_inputs(g, options.io_dtype, dtypes)
-    casts = _Casts(g, dtypes)
+    casts = _Casts(g, dtypes, created)
     for node in topological_order(g):
         compute = FP32 if id(node) in island or has_subgraph(node) else FP16
         _convert_node(node, compute, g, casts, original)
@@ -250,7 +251,8 @@ def cast_to_fp16(graph: gs.Graph, options: Fp16Options | None = None) -> GraphRe
 
 
 def run(model: onnx.ModelProto, options: PassOptions) -> PassResult:
-    result = _cast_graph(gs.import_onnx(model), options.fp16 or Fp16Options())
-    cast = model_from_graph(result.graph, model)
+    result = _cast_graph(gs.import_onnx(model), options.fp16 or Fp16Options(), CreatedTensors(options.scratch))
+    cast, report = model_from_graph(result.graph, model), result.report
+    del result  # the converted weights now live in `cast` alone
     check_model_types(cast)
-    return PassResult(cast, result.report)
+    return PassResult(cast, report)

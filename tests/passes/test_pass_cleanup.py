@@ -108,7 +108,18 @@ def test_group_normalization_outputs_get_their_input_shape():
     assert [n.op_type for n in inferred.graph.node] == ["GroupNormalization", "Relu"]
 
 
-def test_large_model_check_goes_through_external_data():
-    model = model_of(gs.import_onnx(exporter_style_model()).toposort())
-    check_model_types(model, in_memory_limit_bytes=0)
+def test_the_type_check_reads_no_weight():
+    """Large initializers stand in as typed inputs: one whose external data does not exist is not read."""
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "large",
+                              [helper.make_tensor_value_info("x", FP32, ["n", 64])],
+                              [helper.make_tensor_value_info("y", FP32, None)], initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    check_model_types(model)
+    large = model.graph.initializer[0]
+    large.ClearField("raw_data")
+    large.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "absent.data"), ("offset", "0"), ("length", "16384")):
+        entry = large.external_data.add()
+        entry.key, entry.value = key, value
     check_model_types(model)

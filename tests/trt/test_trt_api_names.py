@@ -77,7 +77,9 @@ EXPECTED_USES = {
     "ICudaEngine.get_tensor_mode", "ICudaEngine.get_tensor_dtype", "IExecutionContext.set_device_memory",
     "IExecutionContext.device_memory", "IExecutionContext.set_input_shape", "IExecutionContext.set_tensor_address",
     "IExecutionContext.execute_async_v3", "IExecutionContext.get_tensor_shape", "BuilderFlag.TF32",
-    "IBuilderConfig.clear_flag",
+    "IBuilderConfig.clear_flag", "BuilderFlag.REFIT", "IBuilderConfig.set_flag", "tensorrt.Refitter",
+    "tensorrt.Weights", "ICudaEngine.refittable", "Refitter.get_all_weights", "Refitter.set_named_weights",
+    "Refitter.get_missing_weights", "Refitter.refit_cuda_engine",
 }
 
 
