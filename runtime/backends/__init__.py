@@ -25,7 +25,6 @@ BACKENDS = {
 AUTO = "auto"
 # Backends that cannot take swapped-in weights (`--lora` on a plain bundle), and why.
 NO_LORA_SWAP = {
-    "tensorrt": "needs a refittable engine, and refitting TensorRT engines with LoRA weights is not supported yet",
     "torch": "is the eager reference of the bundle's own weights",
 }
 BACKEND_CHOICES = (AUTO, *BACKENDS)
@@ -41,7 +40,8 @@ class BackendOptions:
     cuda_graph: bool = False  # TensorRT: replay one captured denoising step (static-shape engines)
     device: str | None = None  # torch: "cpu", "cuda" or "cuda:N"; None: the CPU
     dtype: str | None = None  # torch: one of TORCH_DTYPES; None: fp32
-    # Per component, initializer name -> replacement value (LoRAs swapped in, `sdrun.lora.swap`); onnxruntime only.
+    # Per component, initializer name -> replacement value (LoRAs swapped in, `sdrun.lora.swap`): ONNX Runtime
+    # session initializers; TensorRT refits engines built with `build-trt --refittable`.
     initializers: Mapping[str, Mapping[str, np.ndarray]] | None = None
 
 

@@ -84,8 +84,7 @@ def test_prompt_tags_need_a_lora_dir(tiny_bundle, tmp_path, capsys):
     assert code == 2 and "--lora-dir" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("backend, message", [("torch", "merge the LoRA at export"),
-                                              ("tensorrt", "refittable engine")])
+@pytest.mark.parametrize("backend, message", [("torch", "merge the LoRA at export")])
 def test_other_backends_refuse_run_time_loras(backend, message, tiny_bundle, tmp_path, capsys, monkeypatch):
     import sdrun.session
 
