@@ -121,6 +121,7 @@ class Manifest:
     tokenizer: dict  # {"vocab": relative path, "sha256": ..., "pad_id": int, "context_length": int}
     components: dict  # name -> ComponentRecord
     tools: dict  # package -> version
+    loras: list = dataclasses.field(default_factory=list)  # merged at export: `sdrun.lora.lora_record` dicts
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 

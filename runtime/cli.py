@@ -49,6 +49,11 @@ def generation_options(command):
                      help="TensorRT: capture one denoising step as a CUDA graph and replay it (static engines)"),
         click.option("--device", help="torch backend: cpu, cuda or cuda:N [default: cpu]"),
         click.option("--dtype", type=click.Choice(TORCH_DTYPES), help="torch backend: precision [default: fp32]"),
+        click.option("--lora", multiple=True, metavar="FILE[:SCALE]",
+                     help="swap a LoRA (.safetensors, kohya or diffusers layout) into the weights at load, SCALE "
+                          "default 1 (repeatable; onnxruntime backend)"),
+        click.option("--lora-dir", type=click.Path(path_type=Path),
+                     help="where the prompt's <lora:NAME:SCALE> tags find NAME.safetensors"),
         click.option("--quiet", is_flag=True, help="no progress bar or timing table"),
     ]
     for option in reversed(options):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Callable
 
 import numpy as np
@@ -13,6 +14,7 @@ from sdrun.backends.base import StageTimer
 from sdrun.bundle import Bundle
 from sdrun.errors import UserError, stage
 from sdrun.images import output_paths, parameters_text, read_image, write_png
+from sdrun.lora import parse_lora_option, prompt_lora_tags
 from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
 from sdrun.recipe import Recipe
 from sdrun.samplers import resolve_sampler
@@ -44,6 +46,8 @@ class GenerateJob:
     spacing: str | None = None
     device: str | None = None  # torch backend only: "cpu", "cuda", "cuda:N"; None: the CPU
     dtype: str | None = None  # torch backend only: "fp32" | "fp16" | "bf16"; None: fp32
+    lora: tuple[str, ...] = ()  # "FILE[:SCALE]" each
+    lora_dir: Path | None = None  # where the prompt's <lora:NAME:SCALE> tags are found
     quiet: bool = False
 
 
@@ -52,10 +56,12 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     _check_output(job.out)
     options = backend_options(job)
     img2img = job.image is not None
+    prompt, tagged = prompt_lora_tags(job.prompt, job.lora_dir)
+    loras = [*(parse_lora_option(text) for text in job.lora), *tagged]
     bundle = open_for_run(job.bundle, img2img=img2img)
-    request = complete_request(_request(job, bundle.recipe), bundle.recipe)
+    request = complete_request(_request(dataclasses.replace(job, prompt=prompt), bundle.recipe), bundle.recipe)
     with stage(f"loading the {job.backend} backend"):
-        loaded = pipeline_on(bundle, job.backend, options, echo)
+        loaded = pipeline_on(bundle, job.backend, options, echo, loras=loras)
     backend = loaded.backend
     _check_cuda_graph(job.cuda_graph, backend)
     with stage("generating"):
@@ -66,9 +72,9 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
         echo(f"warning: the prompt is longer than {bundle.manifest.tokenizer['context_length']} tokens; "
              f"{dropped} tokens were dropped")
     with stage("writing the PNG"):
-        paths = write_images(job.out, result, bundle, backend, img2img)
+        paths = write_images(job.out, result, bundle, backend, img2img, job.prompt, loaded.loras)
     if not job.quiet:
-        echo(timing_table(result.timer, None, loaded.load_seconds))
+        echo(timing_table(result.timer, None, loaded.load_seconds, loaded.lora_seconds))
     return paths
 
 
@@ -83,20 +89,31 @@ def backend_options(job: GenerateJob) -> BackendOptions:
     return BackendOptions(threads=job.threads, device=job.device, dtype=job.dtype, cuda_graph=job.cuda_graph)
 
 
-def write_images(out: Path, result: GenerationResult, bundle: Bundle, backend: str, img2img: bool) -> list[Path]:
-    """One PNG per image, each with the web UIs' `parameters` text."""
+def write_images(out: Path, result: GenerationResult, bundle: Bundle, backend: str, img2img: bool,
+                 prompt: str | None = None, loras: Sequence[dict] = ()) -> list[Path]:
+    """One PNG per image, each with the web UIs' `parameters` text; `prompt`: as typed (LoRA tags kept),
+    None: the request's."""
     final = result.request
-    text = parameters_text(final.prompt, final.negative_prompt, final.steps, final.guidance, final.seed,
-                           final.width, final.height, bundle.manifest.weights_sha256, bundle.recipe.name,
-                           {"Backend": backend, **({"Denoising strength": final.strength} if img2img else {})},
-                           sampler=sampler_label(final.sampler, final.karras))
+    extra = {"Backend": backend, **({"Denoising strength": final.strength} if img2img else {}), **lora_fields(loras)}
+    text = parameters_text(final.prompt if prompt is None else prompt, final.negative_prompt, final.steps,
+                           final.guidance, final.seed, final.width, final.height, bundle.manifest.weights_sha256,
+                           bundle.recipe.name, extra, sampler=sampler_label(final.sampler, final.karras))
     paths = output_paths(out, len(result.images))
     for path, image in zip(paths, result.images):
         write_png(path, image, text)
     return paths
 
 
-def timing_table(timer: StageTimer, steps: int | None, load_seconds: float) -> str:
+def lora_fields(loras: Sequence[dict]) -> dict[str, str]:
+    """The web UIs' `Lora hashes: "name: sha256[:12]"` field, and our `Lora: "name:scale"` for the scales."""
+    if not loras:
+        return {}
+    names = [Path(lora["file"]).stem for lora in loras]
+    return {"Lora": '"' + ", ".join(f"{n}:{lora['scale']:g}" for n, lora in zip(names, loras)) + '"',
+            "Lora hashes": '"' + ", ".join(f"{n}: {lora['sha256'][:12]}" for n, lora in zip(names, loras)) + '"'}
+
+
+def timing_table(timer: StageTimer, steps: int | None, load_seconds: float, lora_seconds: float = 0.0) -> str:
     """Per-stage wall time, like the TensorRT demo's summary, plus time spent outside graph calls."""
     seconds = timer.seconds
     rows = [("text_encoder", seconds.get("text_encoder", 0.0))]
@@ -111,8 +128,10 @@ def timing_table(timer: StageTimer, steps: int | None, load_seconds: float) -> s
     out += [f"| {name:^16} | {value * 1e3:9.2f} ms |" for name, value in rows]
     out += [line, f"| {'Pipeline':^16} | {total * 1e3:9.2f} ms |",
             f"| {'outside graphs':^16} | {(total - in_graphs) * 1e3:9.2f} ms |",
-            f"| {'session load':^16} | {load_seconds * 1e3:9.2f} ms |", line]
-    return "\n".join(out)
+            f"| {'session load':^16} | {load_seconds * 1e3:9.2f} ms |"]
+    if lora_seconds:
+        out.append(f"| {'of which LoRA':^16} | {lora_seconds * 1e3:9.2f} ms |")
+    return "\n".join([*out, line])
 
 
 def _request(job: GenerateJob, recipe: Recipe) -> GenerationRequest:

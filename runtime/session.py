@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sdrun.backends import BackendOptions, make_runners, resolve_backend
+from sdrun.backends import BackendOptions, check_lora_swap, make_runners, resolve_backend
 from sdrun.backends.base import GraphRunner
 from sdrun.bundle import Bundle, open_bundle
+from sdrun.lora import LoraRequest
+from sdrun.lora.swap import lora_overrides
 from sdrun.pipeline import Pipeline, needed_components
 
 
@@ -21,6 +23,8 @@ class LoadedPipeline:
     runners: dict[str, GraphRunner]  # the pipeline's runners, for callers that run components alone
     backend: str  # the backend `auto` resolved to
     load_seconds: float  # making the runners (sessions, engines, eager models)
+    lora_seconds: float = 0.0  # reading LoRAs and computing the weights they change (part of load_seconds)
+    loras: tuple[dict, ...] = ()  # `sdrun.lora.lora_record` of each LoRA swapped in
 
 
 def open_for_run(path: Path, step_fusion: bool | None = None, img2img: bool = False) -> Bundle:
@@ -33,15 +37,25 @@ def open_for_run(path: Path, step_fusion: bool | None = None, img2img: bool = Fa
 
 
 def pipeline_on(bundle: Bundle, backend: str, options: BackendOptions = BackendOptions(),
-                echo: Callable[[str], None] = lambda line: None) -> LoadedPipeline:
-    """Runners for every verified component on `backend` (`auto` resolved here) in a pipeline."""
+                echo: Callable[[str], None] = lambda line: None,
+                loras: Sequence[LoraRequest] = ()) -> LoadedPipeline:
+    """Runners for every verified component on `backend` (`auto` resolved here) in a pipeline, with `loras`
+    swapped into the graphs' weights."""
     components = sorted(bundle.verified)
     backend = resolve_backend(backend, bundle, components, echo)
     start = time.perf_counter()
+    records = []
+    if loras:
+        check_lora_swap(backend)
+        overrides, records = lora_overrides(bundle, components, loras)
+        options = dataclasses.replace(options, initializers=overrides)
+    lora_seconds = time.perf_counter() - start
     runners = make_runners(backend, bundle, components, options)
-    return LoadedPipeline(Pipeline(bundle, runners), runners, backend, time.perf_counter() - start)
+    return LoadedPipeline(Pipeline(bundle, runners), runners, backend, time.perf_counter() - start, lora_seconds,
+                          tuple(records))
 
 
 def load_pipeline(path: Path, backend: str = "onnxruntime", *, step_fusion: bool | None = None,
-                  img2img: bool = False, options: BackendOptions = BackendOptions()) -> LoadedPipeline:
-    return pipeline_on(open_for_run(path, step_fusion, img2img), backend, options)
+                  img2img: bool = False, options: BackendOptions = BackendOptions(),
+                  loras: Sequence[LoraRequest] = ()) -> LoadedPipeline:
+    return pipeline_on(open_for_run(path, step_fusion, img2img), backend, options, loras=loras)

@@ -31,9 +31,11 @@ from sdcompile.weights import RandomWeights, load_models
 from sdcompile.weight_map import FILE_NAME as WEIGHT_MAP
 from sdcompile.weight_map import WeightSource, final_map, traced_sources, write_weight_map
 from sdcompile.weights.layout import LDM_PREFIXES, Component
+from sdcompile.weights.lora_merge import LoraMerge
 from sdrun.bundle import (MANIFEST_NAME, ComponentRecord, Manifest, read_manifest, sha256_file,
                           write_json_atomic)
 from sdrun.errors import UserError, stage
+from sdrun.lora import LoraRequest
 
 TOKENIZER_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 END_OF_TEXT_ID = 49407
@@ -54,6 +56,7 @@ class ExportConfig:
     force: bool = False
     external_data: bool = False  # always write weights to model.onnx.data (else only past protobuf's 2 GiB)
     seed: int = 0  # seeds the sample inputs used for tracing and verification
+    loras: tuple[LoraRequest, ...] = ()  # merged into the UNet and text encoder as they load
 
 
 def export_bundle(config: ExportConfig, log=print) -> Manifest:
@@ -62,27 +65,31 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
     One model's weights are in memory at a time (text encoder, UNet, VAE in `HASHED_COMPONENTS`
     order, hashed as they load): its components' eager reference outputs are computed and their
     graphs traced to disk, the model is freed, and only then do the passes, the save and ONNX
-    Runtime's verification run, on graphs whose weights stay in external-data files.
+    Runtime's verification run, on graphs whose weights stay in external-data files. LoRAs are merged
+    into each model as it loads, so the hash and the graphs are of the merged weights.
     """
     names = _with_bases(selected_components(config.components), config.recipe)
     check_attention_opset(config.opset, config.attention_target)
+    with stage("reading the LoRAs"):
+        loras = LoraMerge(config.loras, config.recipe)
     out = Path(config.out)
     previous = _previous_bundle(out, config.force)
     _check_writable(out.parent)
     merging = previous is not None and not config.force
     if merging:
-        _check_same_origin(previous, config.recipe, _weights_sha256(config, log), out)
+        _check_same_origin(previous, config.recipe, _weights_sha256(config, loras, log), out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         records = _kept_components(previous, out, staging, names) if merging else {}
         digest = WeightsDigest()
         for part in HASHED_COMPONENTS:
             group = [n for n in names if component_spec(n, config.recipe).model.value == part]
-            records.update(_export_model(part, group, config, staging, digest, records, log))
+            records.update(_export_model(part, group, config, loras, staging, digest, records, log))
         shutil.rmtree(staging / WORK_DIR, ignore_errors=True)
         manifest = Manifest(recipe=config.recipe, source=_source_record(config.source),
                             weights_sha256=digest.hexdigest(), tokenizer=_copy_tokenizer(config.recipe, staging),
-                            components={n: records[n] for n in COMPONENTS if n in records}, tools=tool_versions())
+                            components={n: records[n] for n in COMPONENTS if n in records}, tools=tool_versions(),
+                            loras=loras.records())
         write_json_atomic(staging / MANIFEST_NAME, manifest.to_dict())
         _swap_in(staging, out)
     except BaseException:
@@ -91,17 +98,20 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
     return manifest
 
 
-def _load_model(part: str, config: ExportConfig, log):
+def _load_model(part: str, config: ExportConfig, loras: LoraMerge, log):
     log(f"loading the {config.recipe.name} {part} weights ({_describe_source(config.source)})")
     with stage("loading the weights"):
-        return load_models(config.recipe, config.source, attention=config.attention, parts=(Component(part),))
+        models = load_models(config.recipe, config.source, attention=config.attention, parts=(Component(part),))
+    with stage("merging the LoRAs"):
+        loras.apply_(models, Component(part))
+    return models
 
 
-def _weights_sha256(config: ExportConfig, log) -> str:
-    """The bundle's weights hash, each model loaded, hashed and freed in turn."""
+def _weights_sha256(config: ExportConfig, loras: LoraMerge, log) -> str:
+    """The bundle's weights hash (LoRAs merged), each model loaded, hashed and freed in turn."""
     digest = WeightsDigest()
     for part in HASHED_COMPONENTS:
-        digest.add(part, _load_model(part, config, log).component(Component(part)).state_dict())
+        digest.add(part, _load_model(part, config, loras, log).component(Component(part)).state_dict())
         gc.collect()
     return digest.hexdigest()
 
@@ -118,11 +128,11 @@ class _Traced:
     sources: dict[str, WeightSource] | None  # the traced graph's initializers' checkpoint tensors
 
 
-def _export_model(part: str, names: list[str], config: ExportConfig, staging: Path, digest: WeightsDigest,
-                  records: dict, log) -> dict[str, ComponentRecord]:
+def _export_model(part: str, names: list[str], config: ExportConfig, loras: LoraMerge, staging: Path,
+                  digest: WeightsDigest, records: dict, log) -> dict[str, ComponentRecord]:
     """Load one model, hash it, take its components' eager outputs and traces, free it, then finish
     each component on disk."""
-    models = _load_model(part, config, log)
+    models = _load_model(part, config, loras, log)
     digest.add(part, models.component(Component(part)).state_dict())
     traced = {}
     for name in names:

@@ -57,12 +57,16 @@ def recipes_command() -> None:
 @click.option("--force", is_flag=True, help="replace a bundle made from another recipe or checkpoint")
 @click.option("--external-data", is_flag=True,
               help="always write weights to model.onnx.data beside each graph (else only past protobuf's 2 GiB)")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="merge a LoRA (.safetensors, kohya or diffusers layout) into the weights, SCALE default 1 "
+                   "(repeatable)")
 def export_command(recipe, checkpoint, random_weights, seed, components, out, precision, opset, attention,
-                   attention_target, no_verify, force, external_data) -> None:
+                   attention_target, no_verify, force, external_data, loras) -> None:
     """Export components of a Stable Diffusion model into a verified ONNX bundle."""
     from sdcompile.bundler import ExportConfig, export_bundle
     from sdcompile.recipes import load_recipe
     from sdcompile.weights import RandomWeights
+    from sdrun.lora import parse_lora_option
 
     if bool(checkpoint) == random_weights:
         raise UserError("choose the weights: exactly one of --checkpoint PATH and --random-weights.",
@@ -70,7 +74,8 @@ def export_command(recipe, checkpoint, random_weights, seed, components, out, pr
     config = ExportConfig(recipe=load_recipe(recipe), source=checkpoint or RandomWeights(seed), out=out,
                           components=components, precision=Precision(precision), opset=opset,
                           attention=AttentionImpl(attention), attention_target=AttentionTarget(attention_target),
-                          verify=not no_verify, force=force, external_data=external_data)
+                          verify=not no_verify, force=force, external_data=external_data,
+                          loras=tuple(parse_lora_option(text) for text in loras))
     manifest = export_bundle(config, log=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {out} ({', '.join(manifest.components)})")
 

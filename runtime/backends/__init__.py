@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
 
 from sdrun.backends.base import GraphRunner
 from sdrun.bundle import Bundle
@@ -21,6 +23,10 @@ BACKENDS = {
     "torch": "sdrun.backends.torch:torch_runners",
 }
 AUTO = "auto"
+# Backends that cannot take swapped-in weights (`--lora` on a plain bundle), and why.
+NO_LORA_SWAP = {
+    "torch": "is the eager reference of the bundle's own weights",
+}
 BACKEND_CHOICES = (AUTO, *BACKENDS)
 TORCH_DTYPES = ("fp32", "fp16", "bf16")  # what the torch backend computes in
 
@@ -34,6 +40,9 @@ class BackendOptions:
     cuda_graph: bool = False  # TensorRT: replay one captured denoising step (static-shape engines)
     device: str | None = None  # torch: "cpu", "cuda" or "cuda:N"; None: the CPU
     dtype: str | None = None  # torch: one of TORCH_DTYPES; None: fp32
+    # Per component, initializer name -> replacement value (LoRAs swapped in, `sdrun.lora.swap`): ONNX Runtime
+    # session initializers; TensorRT refits engines built with `build-trt --refittable`.
+    initializers: Mapping[str, Mapping[str, np.ndarray]] | None = None
 
 
 Factory = Callable[[Bundle, Sequence[str], BackendOptions], dict[str, GraphRunner]]
@@ -51,6 +60,15 @@ def make_runners(backend: str, bundle: Bundle, components: Sequence[str],
                  options: BackendOptions = BackendOptions()) -> dict[str, GraphRunner]:
     """Runners for `components` of an opened bundle on `backend` (a name from BACKENDS, not `auto`)."""
     return backend_factory(backend)(bundle, list(components), options)
+
+
+def check_lora_swap(backend: str) -> None:
+    """Refuse `--lora` on a backend that cannot swap weights in."""
+    if backend in NO_LORA_SWAP:
+        raise UserError(f"--lora at run time {NO_LORA_SWAP[backend]} on the {backend} backend.",
+                        expected="--backend onnxruntime", got=f"--backend {backend}",
+                        fix="run with --backend onnxruntime, or merge the LoRA at export: sdcompile export "
+                            "--lora FILE[:SCALE]")
 
 
 def resolve_backend(name: str, bundle: Bundle, components: Sequence[str], echo: Callable[[str], None]) -> str:

@@ -40,6 +40,17 @@ class OnnxRuntimeRunner:
         if options.threads:
             session_options.intra_op_num_threads = options.threads
         providers = list(options.providers) if options.providers else default_providers()
+        # Replacement initializers (LoRAs): an OrtValue made from numpy borrows the array's memory, so both are
+        # kept as long as the session.
+        replaced = (options.initializers or {}).get(record.name) or {}
+        self._initializers = {name: _borrowed(ort, value) for name, value in replaced.items()}
+        for name, (_, value) in self._initializers.items():
+            session_options.add_initializer(name, value)
+        if self._initializers:
+            # ORT_ENABLE_ALL's layout pass pre-packs Conv weights from the graph file, before added initializers
+            # replace them (seen on ONNX Runtime 1.32: the swapped Conv weights were ignored); one level down
+            # keeps the other fusions and uses the replaced values.
+            session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         self.session = ort.InferenceSession(str(graph), session_options, providers=providers)
         self.record, self.vae_scale, self.rebuild_hint = record, vae_scale, rebuild_hint
         self._outputs: dict[tuple, dict[str, np.ndarray]] = {}
@@ -61,6 +72,11 @@ class OnnxRuntimeRunner:
             self._outputs[key] = {s.name: np.empty(resolve_shape(s.dims, binding), dtype=s.dtype)
                                   for s in self.record.outputs}
         return self._outputs[key]
+
+
+def _borrowed(ort, value: np.ndarray) -> tuple[np.ndarray, object]:
+    array = np.ascontiguousarray(value)
+    return array, ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def onnxruntime_runners(bundle: Bundle, components: list[str], options: BackendOptions) -> dict[str, OnnxRuntimeRunner]:

@@ -23,7 +23,9 @@ import dataclasses
 import functools
 import hashlib
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -165,7 +167,7 @@ def tensorrt_runners(bundle: Bundle, components: list[str], options: BackendOpti
     another GPU architecture, from another ONNX graph, or whose file changed.
     """
     trt, cuda = require_tensorrt()
-    return EngineGroup(bundle, components, trt, cuda, options.cuda_graph).runners
+    return EngineGroup(bundle, components, trt, cuda, options.cuda_graph, options.initializers or {}).runners
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +193,8 @@ class DeviceMemoryApi:
 class EngineGroup:
     """Engines, contexts, the stream and every device allocation of one bundle's TensorRT runners."""
 
-    def __init__(self, bundle: Bundle, components: list[str], trt, cuda: Cuda, cuda_graph: bool = False):
+    def __init__(self, bundle: Bundle, components: list[str], trt, cuda: Cuda, cuda_graph: bool = False,
+                 weights: Mapping[str, Mapping[str, np.ndarray]] = MappingProxyType({})):
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
         capability = cuda.compute_capability()
@@ -200,6 +203,10 @@ class EngineGroup:
             if not verdict.usable:
                 raise stale_engine_error(bundle.root, verdict)
         engines = {n: engine_from_bundle(runtime, bundle.root, v) for n, v in verdicts.items()}
+        for name, replaced in weights.items():  # LoRAs swapped in: refit before any context exists
+            if name in engines and replaced:
+                refit_engine(trt, engines[name], self.logger, dict(replaced),
+                             rebuild_command(bundle.root, name, verdicts[name].record.static))
         self.cuda, self.allocations = cuda, DeviceAllocations(cuda)
         self.runners: dict[str, TensorRTRunner] = {}
         self._finalizer = weakref.finalize(self, release_group, self.runners, self.allocations)

@@ -6,6 +6,8 @@ import enum
 
 import torch
 
+from sdrun.diffusers_names import LDM_PREFIXES as LDM_KEY_PREFIXES
+
 StateDict = dict[str, torch.Tensor]
 
 
@@ -15,11 +17,7 @@ class Component(enum.Enum):
     TEXT_ENCODER = "text_encoder"
 
 
-LDM_PREFIXES = {
-    Component.UNET: "model.diffusion_model.",
-    Component.VAE: "first_stage_model.",
-    Component.TEXT_ENCODER: "cond_stage_model.",
-}
+LDM_PREFIXES = {component: LDM_KEY_PREFIXES[component.value] for component in Component}
 
 
 @dataclasses.dataclass(frozen=True)

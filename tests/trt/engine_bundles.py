@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 
-def engine_bundle(source: Path, folder: Path, components: tuple[str, ...] = ("all",), shapes=None) -> Path:
+def engine_bundle(source: Path, folder: Path, components: tuple[str, ...] = ("all",), shapes=None,
+                  refittable: bool = False) -> Path:
     """`source` copied into `folder/bundle` with engines for `components` (profile `shapes`, or the recipe's)."""
     from sdrun.backends.tensorrt import tensorrt_available
 
@@ -20,6 +21,6 @@ def engine_bundle(source: Path, folder: Path, components: tuple[str, ...] = ("al
 
     copy = folder / "bundle"
     shutil.copytree(source, copy)
-    options = BuildOptions(shapes=shapes or ShapeRequest())
+    options = BuildOptions(shapes=shapes or ShapeRequest(), refittable=refittable)
     build_engines(BuildRequest(copy, components, options), log=lambda line: None)
     return copy

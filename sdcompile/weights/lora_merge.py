@@ -1,0 +1,68 @@
+"""LoRAs merged into the weights at export: each model gets its deltas right after it loads, before it is
+hashed and traced, so the bundle's weights (and `weights_sha256`) are the merged ones."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sdcompile.recipes import Recipe
+from sdcompile.weights.layout import LDM_PREFIXES, Component
+from sdcompile.weights.loading import StableDiffusionModels, build_models
+from sdrun.errors import UserError
+from sdrun.lora import LoraFile, LoraRequest, lora_deltas, lora_record, read_lora
+from sdrun.lora.delta import fitted_modules
+
+MERGED_MODELS = (Component.UNET, Component.TEXT_ENCODER)
+
+
+class LoraMerge:
+    """The export's LoRAs, each file read and checked once; `apply_` adds their deltas to a loaded model."""
+
+    def __init__(self, requests: Sequence[LoraRequest], recipe: Recipe):
+        self.requests, self.recipe = tuple(requests), recipe
+        self.files = [read_lora(request.path) for request in self.requests]
+        self.touched: list[dict[str, int]] = [{} for _ in self.requests]
+        for lora in self.files:
+            _check_models(lora)
+        if self.files:
+            self._check_fit()
+
+    def _check_fit(self) -> None:
+        """Every LoRA module matches a weight it fits, checked on shapes alone (models built on the meta
+        device), so a bad LoRA is refused before any model loads."""
+        with torch.device("meta"):
+            modules = build_models(self.recipe, parts=MERGED_MODELS)
+        for part, module in modules.items():
+            shapes = {LDM_PREFIXES[part] + key: tuple(value.shape) for key, value in module.state_dict().items()}
+            for lora in self.files:
+                fitted_modules(lora, part.value, shapes, self.recipe)
+
+    def apply_(self, models: StableDiffusionModels, part: Component) -> None:
+        if not self.files or part not in MERGED_MODELS:
+            return
+        state = models.component(part).state_dict()
+        prefix = LDM_PREFIXES[part]
+        shapes = {prefix + key: tuple(value.shape) for key, value in state.items()}
+        loras = [(lora, request.scale) for lora, request in zip(self.files, self.requests)]
+        deltas, touched = lora_deltas(loras, part.value, shapes, self.recipe)
+        with torch.no_grad():
+            for key, delta in deltas:
+                weight = state[key[len(prefix):]]
+                weight.add_(torch.from_numpy(delta).to(weight.dtype))
+        for record, count in zip(self.touched, touched):
+            record[part.value] = count
+
+    def records(self) -> list[dict]:
+        """Per LoRA: file name, sha256, scale and the tensors changed per model (for the manifest)."""
+        return [lora_record(request, lora.sha256, touched)
+                for request, lora, touched in zip(self.requests, self.files, self.touched)]
+
+
+def _check_models(lora: LoraFile) -> None:
+    known = {part.value for part in MERGED_MODELS}
+    foreign = sorted({model for model, _ in lora.modules} - known)
+    if foreign:
+        raise UserError(f"LoRA {lora.path.name} adapts {', '.join(foreign)}, which this model does not have.",
+                        expected=f"modules of {' and '.join(sorted(known))}",
+                        fix="use a LoRA made for this model family (lora_te2_ / text_encoder_2 keys are SDXL's)")
