@@ -53,8 +53,8 @@ def test_noise_only_where_needed(sampler_id):
 
 @pytest.mark.parametrize("steps", [7, 30, 50])
 @pytest.mark.parametrize("parameterization", list(Parameterization))
-def test_ddim_reproduces_runtime_schedulers(steps, parameterization):
-    """The default DDIM plan is the runtime's ldm DDIM, number for number."""
+def test_the_ddim_plan_reproduces_ldms_ddim_step(steps, parameterization):
+    """The default DDIM plan is ldm's DDIM (`ddim_step` over `ddim_table`), number for number."""
     table = ddim_table(SD_SCHEDULE, steps, 0.3)
     init, noises = _noises(len(table))
     x = init
