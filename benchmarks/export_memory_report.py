@@ -41,11 +41,12 @@ def exports_table(result: ExportMemoryResult) -> str:
 
 
 def phases_table(result: ExportMemoryResult) -> str:
-    """Every phase line the export logs printed: wall seconds and resident GiB when it ended."""
-    rows = [[f"{r.component} {r.precision}", p.component, p.phase, f"{p.seconds:.1f}", f"{p.resident_gib:.1f}"]
+    """Every phase line the export logs printed: wall seconds, resident GiB when it ended, peak GiB so far."""
+    rows = [[f"{r.component} {r.precision}", p.component, p.phase, f"{p.seconds:.1f}", f"{p.resident_gib:.1f}",
+             "" if p.peak_gib is None else f"{p.peak_gib:.1f}"]
             for r in result.rows if r.export for p in r.export.phases]
     return "## Phases (from the export logs)\n\n" + table(
-        ["export", "component", "phase", "s", "resident GiB after"], rows) if rows else ""
+        ["export", "component", "phase", "s", "resident GiB after", "peak GiB so far"], rows) if rows else ""
 
 
 def failures_text(result: ExportMemoryResult) -> str:

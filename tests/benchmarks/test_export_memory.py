@@ -72,6 +72,6 @@ def test_phase_lines_are_parsed_and_other_lines_ignored():
     lines = ["loading tiny weights (random weights, seed 0)",
              "[unet] traced (opset 23): 12.3 s, 4.1 GiB resident",
              "[unet] gate latent: rel_l2 = 1.3e-06 (gate <= 1e-05) ok",
-             "  [unet] passes cleanup, fuse-attention, fp16: 0.8 s, 0.9 GiB resident"]
+             "  [unet] passes cleanup, fuse-attention, fp16: 0.8 s, 0.9 GiB resident (peak 4.2 GiB)"]
     assert phases_from_log(lines) == (ExportPhase("unet", "traced (opset 23)", 12.3, 4.1),
-                                      ExportPhase("unet", "passes cleanup, fuse-attention, fp16", 0.8, 0.9))
+                                      ExportPhase("unet", "passes cleanup, fuse-attention, fp16", 0.8, 0.9, 4.2))
