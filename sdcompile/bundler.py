@@ -78,7 +78,8 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
     merging = previous is not None and not config.force
     if merging:
         _check_same_origin(previous, config.recipe, _weights_sha256(config, loras, log), out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    # Absolute: passes run inside their data directories (`graph.external.inside`).
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent)).resolve()
     try:
         records = _kept_components(previous, out, staging, names) if merging else {}
         digest = WeightsDigest()

@@ -141,3 +141,16 @@ def test_the_weight_map_names_each_initializers_checkpoint_tensor(fixture, atten
                 f"{name}: {initializer} is not {source}"
         big = [k for k, v in graph.items() if v.ndim >= 2 and v.size >= 64 and k not in weight_map["initializers"]]
         assert set(big) <= set(weight_map["unmapped"]) and len(big) <= 2, f"{name}: unmapped {big}"
+
+
+def test_a_relative_output_path_exports_derived_components(tmp_path, monkeypatch):
+    """Passes run inside their data directories, so every path they are given must survive the change."""
+    from click.testing import CliRunner
+
+    from sdcompile.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["export", "--recipe", "tiny", "--random-weights", "--component", "unet_step",
+                                      "--out", "relative/bundle"])
+    assert result.exit_code == 0, result.output
+    assert sorted(read_manifest(tmp_path / "relative" / "bundle").components) == ["unet", "unet_step"]

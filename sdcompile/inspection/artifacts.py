@@ -35,7 +35,8 @@ def _inspect_graph(graph: Path, fp32_node_names=()) -> dict:
     from sdcompile.graph.external import inside
     from sdcompile.optimize import load_onnx
 
-    with inside(Path(graph).parent):  # the weights stay in their data file; what is read, is read from there
+    graph = Path(graph).resolve()  # read from inside its own directory
+    with inside(graph.parent):  # the weights stay in their data file; what is read, is read from there
         summary = graph_summary(load_onnx(graph, with_data=False),
                                 Fp16Options(keep_fp32_node_names=frozenset(fp32_node_names)))
     summary["size_bytes"] = sum(p.stat().st_size for p in _graph_files(graph))

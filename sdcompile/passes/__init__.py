@@ -105,15 +105,16 @@ def optimize_on_disk(path: Path, passes: Sequence[str], work: Path, options: Pas
     """
     _check_names(passes)
     options = _with_target(options or PassOptions(), attention_target)
-    model, directory, reports = load_structure(path), Path(path).parent, {}
+    path, work = Path(path).resolve(), Path(work).resolve()  # passes run inside their data directories
+    model, directory, reports = load_structure(path), path.parent, {}
     for index, name in enumerate(passes):
-        owned = directory.parent == Path(work)  # a step of ours, not the caller's source
+        owned = directory.parent == work  # a step of ours, not the caller's source
         with inside(directory):
             model, reports[name] = run_pass(name, model, replace(options, scratch=directory if owned else None))
-        step = Path(work) / f"{index}-{name}"
+        step = work / f"{index}-{name}"
         step.mkdir(parents=True)
         spill(model, step / "model.onnx", directory)
-        if directory.parent == Path(work):
+        if owned:
             shutil.rmtree(directory)
         directory = step
     with inside(directory):
