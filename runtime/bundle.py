@@ -26,6 +26,7 @@ from sdrun.tokenizer import ClipTokenizer
 FORMAT = "sdcompile-bundle"
 FORMAT_VERSION = 2  # 2: the step-fused UNet takes a sampler state and update (any sampler)
 MANIFEST_NAME = "manifest.json"
+WEIGHT_MAP_NAME = "weight_map.json"  # per component: its initializers' checkpoint tensors
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:

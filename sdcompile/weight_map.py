@@ -19,10 +19,12 @@ import onnx
 import torch
 from onnx import helper
 
-from sdcompile.graph.external import load_structure, read_external
+from sdcompile.graph.external import load_structure
+from sdrun.external_data import read_external
 from sdrun.atomic import write_atomic
+from sdrun.bundle import WEIGHT_MAP_NAME
 
-FILE_NAME = "weight_map.json"
+FILE_NAME = WEIGHT_MAP_NAME
 FORMAT = "sdcompile-weight-map"
 _PASS_SUFFIX = re.compile(r"_(fp16|fp32)(_\d+)?$")  # names the fp16 pass gives converted copies
 _PROBE_ELEMENTS = 16  # leading elements compared before a whole tensor is

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrun.bundle import WEIGHT_MAP_NAME as WEIGHT_MAP
 from sdrun.bundle import Bundle
 from sdrun.diffusers_names import LDM_PREFIXES
 from sdrun.errors import UserError
+from sdrun.external_data import read_external
 from sdrun.lora.delta import lora_deltas
 from sdrun.lora.file import LoraFile, read_lora
 from sdrun.lora.request import LoraRequest, lora_record
 from sdrun.recipe import Recipe
 
-WEIGHT_MAP = "weight_map.json"
 Overrides = dict[str, dict[str, np.ndarray]]  # component -> initializer name -> replacement value
 
 
@@ -94,10 +95,7 @@ def _initializer_array(tensor, directory: Path) -> np.ndarray:
 
     if not uses_external_data(tensor):
         return numpy_helper.to_array(tensor)
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    with open(directory / info["location"], "rb") as data:
-        data.seek(int(info.get("offset", 0)))
-        raw = data.read(int(info["length"]))
+    raw = read_external(tensor, directory)
     return np.frombuffer(raw, helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
 
 

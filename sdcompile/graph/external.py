@@ -21,6 +21,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from sdrun.external_data import external_info, read_external
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom for the graph itself
@@ -50,10 +52,6 @@ def load_structure(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=False)
 
 
-def external_info(tensor: TensorProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
 def tensor_nbytes(tensor: TensorProto) -> int:
     """Bytes of a tensor's data, in memory or external."""
     if uses_external_data(tensor):
@@ -63,14 +61,6 @@ def tensor_nbytes(tensor: TensorProto) -> int:
 
 def data_bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in _get_all_tensors(model))
-
-
-def read_external(tensor: TensorProto, directory: Path) -> bytes:
-    """The bytes of an external tensor whose location is relative to `directory`."""
-    info = external_info(tensor)
-    with open(Path(directory) / info["location"], "rb") as source:
-        source.seek(int(info.get("offset", 0)))
-        return source.read(int(info["length"]))
 
 
 def spill(model: onnx.ModelProto, model_path: Path, source_dir: Path | None,
