@@ -8,7 +8,6 @@ previous bundle intact and no half-written files.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from sdcompile.components.spec import ComponentSpec, dim_multiples, input_profil
 from sdcompile.export import name_io_dims, trace_to_file
 from sdcompile.fingerprint import HASHED_COMPONENTS, WeightsDigest
 from sdcompile.graph.external import inside, load_structure, save_graph, spill
+from sdcompile.memory import return_freed_memory
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.passes import default_passes, optimize_on_disk, run_pass
 from sdcompile.recipes import Recipe, TokenizerPadding
@@ -113,7 +113,7 @@ def _weights_sha256(config: ExportConfig, loras: LoraMerge, log) -> str:
     digest = WeightsDigest()
     for part in HASHED_COMPONENTS:
         digest.add(part, _load_model(part, config, loras, log).component(Component(part)).state_dict())
-        gc.collect()
+        return_freed_memory()
     return digest.hexdigest()
 
 
@@ -140,26 +140,13 @@ def _export_model(part: str, names: list[str], config: ExportConfig, loras: Lora
         with stage(f"exporting {name}"):
             traced[name] = _eager_phase(name, models, config, staging / WORK_DIR / name, log)
     del models
-    _return_freed_memory()
+    return_freed_memory()
     done, optimized = {}, {}
     for name in names:
         with stage(f"exporting {name}"):
             done[name], optimized[name] = _graph_phase(traced.pop(name), config, staging, optimized,
                                                        {**records, **done}, log)
     return done
-
-
-def _return_freed_memory() -> None:
-    """Collect what was freed and hand glibc's freed heap pages back to the system (`malloc_trim`;
-    elsewhere nothing to do), so the next phase's peak starts from what is really alive."""
-    import ctypes
-    import ctypes.util
-
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _eager_phase(name: str, models, config: ExportConfig, work: Path, log) -> _Traced:

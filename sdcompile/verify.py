@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdcompile.graph.partition import run_in_parts
 from sdcompile.options import Precision
 from sdrun.errors import UserError
 from sdrun.gates import check_output
+
+VERIFY_PART_BYTES = 512 * 1024**2  # weights per verification session: an fp16 part peaks near 3x this on CPU
 
 
 def eager_outputs(module: torch.nn.Module, inputs: dict) -> tuple[np.ndarray, ...]:
@@ -25,16 +28,12 @@ def eager_outputs(module: torch.nn.Module, inputs: dict) -> tuple[np.ndarray, ..
 def verify_graph(name: str, references: tuple[np.ndarray, ...], inputs: dict, graph: Path, precision: Precision,
                  log) -> list[dict]:
     """Gate every output of `graph` on `inputs` against the eager `references`; returns the verdicts as plain
-    data. The session shares no memory with an eager model: the caller has freed it. `graph` is best in
-    external-data form, which ONNX Runtime maps instead of parsing into memory."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(graph), lean_session_options(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    outputs = session.run(None, {k: v.numpy() for k, v in inputs.items()})
-    del session
+    data. The sessions share no memory with an eager model: the caller has freed it. `graph` is best in
+    external-data form, which ONNX Runtime maps instead of parsing into memory; it runs in parts of at most
+    `VERIFY_PART_BYTES` of weights each (`graph.partition`)."""
+    outputs = run_in_parts(graph, {k: v.numpy() for k, v in inputs.items()}, VERIFY_PART_BYTES, _cpu_session)
     verdicts = []
-    for value, expected, actual in zip(names, references, outputs):
+    for (value, actual), expected in zip(outputs.items(), references):
         verdict = check_output(value, value, expected, actual, precision.value)
         log(f"[{name}] gate {verdict.describe()}")
         if not verdict.passed:
@@ -43,16 +42,19 @@ def verify_graph(name: str, references: tuple[np.ndarray, ...], inputs: dict, gr
     return verdicts
 
 
-def lean_session_options():
-    """ONNX Runtime CPU options that keep one copy of the weights: no pre-packed duplicates, and no graph
-    optimizations, which on an fp16 graph fold the Casts ONNX Runtime's CPU kernels need into fp32 copies
-    of the weights. The graph is checked as written, node by node."""
+def _cpu_session(graph: Path):
+    """An ONNX Runtime CPU session that keeps one copy of the weights: no pre-packed duplicates, no graph
+    optimizations (which on an fp16 graph fold the Casts ONNX Runtime's CPU kernels need into fp32 copies
+    of the weights), and no memory arena, which grows in powers of two and keeps what it grew to — for
+    an fp16 part, twice the fp32 copies its kernels make. The graph is checked as written, node by node."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_prepacking", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return options
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
 
 def _failed(name: str, verdict, precision: Precision) -> UserError:
