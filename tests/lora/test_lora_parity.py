@@ -116,3 +116,40 @@ def test_prompt_tags_load_from_the_lora_dir_and_are_recorded(tiny_bundle, loras,
     assert parameters.startswith(prompt)
     assert f'Lora hashes: "first: {sha256_file(loras["first"])[:12]}"' in parameters
     assert f'Lora: "first:{SCALE:g}"' in parameters
+
+
+def test_fp16_bundle_swap_passes_the_fp16_gate_against_the_fp32_merge(merged_bundle, tiny_bundle_fp16, loras):
+    from sdrun import gates
+
+    merged = generate(merged_bundle)[0].images / 255.0
+    verdicts = {}
+    for name, swapped in (("swapped", [(loras["first"], SCALE)]), ("unswapped", [])):
+        stats = gates.output_statistics("images", merged, generate(tiny_bundle_fp16, swapped)[0].images / 255.0)
+        verdicts[name] = gates.pipeline_image_gate("fp16").judge(f"fp16 bundle {name} vs fp32 merge", stats)
+        print(f"\n{verdicts[name].describe()}")
+    assert verdicts["swapped"].passed and not verdicts["unswapped"].passed  # the fp16 weights did change
+
+
+def test_swap_reads_the_weights_from_external_data_as_from_the_graph(tiny_bundle, loras, tmp_path):
+    from sdcompile.cli import cli
+    from sdrun.bundle import open_bundle
+    from sdrun.lora import LoraRequest
+    from sdrun.lora.swap import lora_overrides
+
+    external = tmp_path / "external"
+    components = [arg for name in ("text_encoder", "unet") for arg in ("--component", name)]
+    result = CliRunner().invoke(cli, ["export", "--recipe", "tiny", "--random-weights", "--out", str(external),
+                                      *components, "--external-data", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert (external / "unet" / "model.onnx.data").is_file()
+    request = [LoraRequest(loras["first"], SCALE)]
+    overrides = {}
+    for root in (tiny_bundle, external):
+        bundle = open_bundle(root, lambda manifest: ["text_encoder", "unet"])
+        overrides[root], _ = lora_overrides(bundle, ["text_encoder", "unet"], request)
+    embedded, spilled = overrides[tiny_bundle], overrides[external]
+    assert {k: sorted(v) for k, v in embedded.items()} == {k: sorted(v) for k, v in spilled.items()}
+    for component, values in embedded.items():
+        for name, value in values.items():
+            assert value.dtype == spilled[component][name].dtype
+            np.testing.assert_array_equal(value, spilled[component][name], err_msg=f"{component}.{name}")
