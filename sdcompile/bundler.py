@@ -166,6 +166,7 @@ def _eager_phase(name: str, models, config: ExportConfig, work: Path, log) -> _T
         graph = work / "traced" / "model.onnx"
         graph.parent.mkdir(parents=True)
         trace_to_file(module, inputs, spec.inputs, spec.outputs, dim_multiples(config.recipe), graph, config.opset)
+        return_freed_memory()  # the exporter's leftovers, before the next component's reference adds its peak
         phases.done(f"traced (opset {config.opset})")
         sources = traced_sources(module, models.component(spec.model), LDM_PREFIXES[spec.model], graph)
         return _Traced(spec, phases, checked, references, graph, sources)
