@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,serve]'
 	# TensorRT's published API, checked against our adapter; its dependency is the uninstallable wheel.
 	$(PY) -m pip install --quiet --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)

@@ -26,7 +26,7 @@ def cli(debug) -> None:
 
 def generation_options(command):
     options = [
-        click.option("--bundle", type=click.Path(path_type=Path), required=True, help="bundle directory"),
+        click.option("--bundle", type=click.Path(path_type=Path), help="bundle directory (required without --server)"),
         click.option("--prompt", required=True),
         click.option("--negative-prompt", default="", show_default=True),
         click.option("--steps", type=int, help="sampling steps [default: the recipe's]"),
@@ -55,6 +55,10 @@ def generation_options(command):
         click.option("--lora-dir", type=click.Path(path_type=Path),
                      help="where the prompt's <lora:NAME:SCALE> tags find NAME.safetensors"),
         click.option("--quiet", is_flag=True, help="no progress bar or timing table"),
+        click.option("--server", metavar="URL", help="generate on a running `sdrun serve` (http://HOST:PORT) "
+                                                     "instead of a local bundle"),
+        click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+                     help="with --server: seconds to wait for the image"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -94,6 +98,34 @@ def _generate(options: dict, image: Path | None, strength: float | None) -> None
                      progress=None if options["quiet"] else _progress_bar())
     for path in report:
         click.echo(str(path))
+
+
+@cli.command("serve")
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="bundle directory")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--max-batch", type=int, help="images per denoising loop [default: the bundle's batch profile max]")
+@click.option("--max-queue-delay-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="how long a loop waits for more requests of its size, steps and sampler (0: no batching wait)")
+@click.option("--instances", type=int, default=1, show_default=True,
+              help="pipelines running loops side by side (each loads its own runners)")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads per pipeline [default: one per core]")
+def serve_command(bundle, backend, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_ms,
+                  instances, threads) -> None:
+    """Serve txt2img (and img2img) on Triton Inference Server: HTTP, gRPC, health and metrics.
+
+    \b
+    Example:
+      sdrun serve --bundle bundle/ --http-port 8000
+      sdrun txt2img --server http://127.0.0.1:8000 --prompt "a lighthouse at dawn" --out out.png
+    """
+    from sdrun.serve.server import ServeOptions, serve
+
+    serve(ServeOptions(bundle, backend, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_ms,
+                       instances, threads), echo=lambda line: click.echo(line, err=True))
 
 
 def _progress_bar():

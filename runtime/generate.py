@@ -49,11 +49,22 @@ class GenerateJob:
     lora: tuple[str, ...] = ()  # "FILE[:SCALE]" each
     lora_dir: Path | None = None  # where the prompt's <lora:NAME:SCALE> tags are found
     quiet: bool = False
+    server: str | None = None  # http://HOST:PORT of a running `sdrun serve`: generate there
+    timeout: float = 600.0  # seconds the server may take (with --server)
+
+
+# Options a server request does not carry, and their values when not given.
+LOCAL_ONLY = {"batch": 1, "eta": None, "backend": "auto", "init_noise": None, "threads": None, "cuda_graph": False,
+              "karras": None, "spacing": None, "device": None, "dtype": None, "lora": (), "lora_dir": None}
 
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
     """Every check that needs no model runs before the backend is loaded; returns the PNGs written."""
     _check_output(job.out)
+    if job.server:
+        return [run_remote(job)]
+    if job.bundle is None:
+        raise UserError("no bundle to generate with.", fix="add --bundle DIR, or --server URL to use a running server")
     options = backend_options(job)
     img2img = job.image is not None
     prompt, tagged = prompt_lora_tags(job.prompt, job.lora_dir)
@@ -78,6 +89,28 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     return paths
 
 
+def run_remote(job: GenerateJob) -> Path:
+    """The job sent to the server at `job.server`; the PNG it answers is written as a local run writes it."""
+    from sdrun.serve.client import remote_generate, request_tensors
+    from sdrun.serve.contract import IMG2IMG, TXT2IMG
+
+    given = [f"--{name.replace('_', '-')}" for name, default in LOCAL_ONLY.items() if getattr(job, name) != default]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be sent to a server.", fix=f"drop {', '.join(given)}, or run "
+                        "locally with --bundle")
+    values = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "steps": job.steps,
+              "guidance": job.guidance, "seed": job.seed, "height": job.height, "width": job.width,
+              "sampler": job.sampler}
+    if job.image is not None:
+        image = read_image(job.image, job.width, job.height, multiple=8)[0]
+        values |= {"image": np.round((image.transpose(1, 2, 0) + 1.0) * 127.5), "strength": job.strength,
+                   "height": None, "width": None}
+    model = TXT2IMG if job.image is None else IMG2IMG
+    image, parameters = remote_generate(job.server, model, request_tensors(model, values), job.timeout)
+    write_png(job.out, image, parameters)
+    return job.out
+
+
 def backend_options(job: GenerateJob) -> BackendOptions:
     """The job's backend options; --device and --dtype place the eager torch models, so they need that backend."""
     given = [f"--{name} {value}" for name, value in (("device", job.device), ("dtype", job.dtype)) if value]
@@ -91,17 +124,22 @@ def backend_options(job: GenerateJob) -> BackendOptions:
 
 def write_images(out: Path, result: GenerationResult, bundle: Bundle, backend: str, img2img: bool,
                  prompt: str | None = None, loras: Sequence[dict] = ()) -> list[Path]:
-    """One PNG per image, each with the web UIs' `parameters` text; `prompt`: as typed (LoRA tags kept),
-    None: the request's."""
-    final = result.request
-    extra = {"Backend": backend, **({"Denoising strength": final.strength} if img2img else {}), **lora_fields(loras)}
-    text = parameters_text(final.prompt if prompt is None else prompt, final.negative_prompt, final.steps,
-                           final.guidance, final.seed, final.width, final.height, bundle.manifest.weights_sha256,
-                           bundle.recipe.name, extra, sampler=sampler_label(final.sampler, final.karras))
+    """One PNG per image, each with the web UIs' `parameters` text (`result_parameters`)."""
+    text = result_parameters(result, bundle, backend, img2img, prompt, loras)
     paths = output_paths(out, len(result.images))
     for path, image in zip(paths, result.images):
         write_png(path, image, text)
     return paths
+
+
+def result_parameters(result: GenerationResult, bundle: Bundle, backend: str, img2img: bool,
+                      prompt: str | None = None, loras: Sequence[dict] = ()) -> str:
+    """The web UIs' PNG `parameters` text of a result; `prompt`: as typed (LoRA tags kept), None: the request's."""
+    final = result.request
+    extra = {"Backend": backend, **({"Denoising strength": final.strength} if img2img else {}), **lora_fields(loras)}
+    return parameters_text(final.prompt if prompt is None else prompt, final.negative_prompt, final.steps,
+                           final.guidance, final.seed, final.width, final.height, bundle.manifest.weights_sha256,
+                           bundle.recipe.name, extra, sampler=sampler_label(final.sampler, final.karras))
 
 
 def lora_fields(loras: Sequence[dict]) -> dict[str, str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -86,24 +86,37 @@ class Pipeline:
 
     def generate(self, request: GenerationRequest,
                  on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
-        request = self.complete(request)
+        return self.generate_batch([request], on_step)[0]
+
+    def generate_batch(self, requests: Sequence[GenerationRequest],
+                       on_step: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+        """Requests that agree on `batch_key` in one denoising loop (one UNet call per evaluation for all);
+        each keeps its own prompts and seed, and its result equals its own `generate` up to the backend's
+        batched arithmetic. Each request draws from its own generator, in the order the module states."""
+        requests = [self.complete(r) for r in requests]
+        _check_batchable(requests, self.recipe)
+        first = requests[0]
         self.timer = StageTimer()
         started = time.perf_counter()
-        rng = np.random.default_rng(request.seed)
-        context, dropped = self._encode_prompts(request)
-        plan = self.sampler_plan(request)
-        if request.image is None:
-            x0, noise = None, self._initial_noise(request, rng)
+        rngs = [np.random.default_rng(r.seed) for r in requests]
+        context, dropped = self._encode_prompts(requests)
+        plan = self.sampler_plan(first)
+        if first.image is None:
+            x0, noise = None, np.concatenate([self._initial_noise(r, rng) for r, rng in zip(requests, rngs)])
         else:
-            x0, noise = self._img2img_latents(request, rng)
-        noises = draw_noises(plan, noise.shape, rng)
+            x0, noise = (np.concatenate(parts) for parts in
+                         zip(*(self._img2img_latents(r, rng) for r, rng in zip(requests, rngs))))
+        drawn = [draw_noises(plan, (r.batch, *noise.shape[1:]), rng) for r, rng in zip(requests, rngs)]
+        noises = [None if z[0] is None else np.concatenate(z) for z in zip(*drawn)]
         start = time.perf_counter()
-        latents = self._denoise(plan, noise, x0, context, request.guidance, noises, on_step)
+        latents = self._denoise(plan, noise, x0, context, first.guidance, noises, on_step)
         self.timer.add("denoise", time.perf_counter() - start)
         decoded = self._decode(latents)
         self.timer.add("total", time.perf_counter() - started)
-        return GenerationResult(to_uint8(decoded), latents, decoded, request, self.timer, dropped, self.step_fused,
-                                plan.warnings)
+        bounds = np.cumsum([0, *(r.batch for r in requests)])
+        return [GenerationResult(to_uint8(decoded[a:b]), latents[a:b], decoded[a:b], r, self.timer, d,
+                                 self.step_fused, plan.warnings)
+                for r, a, b, d in zip(requests, bounds, bounds[1:], dropped)]
 
     def _denoise(self, plan, noise, x0, context, guidance, noises, on_step) -> np.ndarray:
         def progress(e: int, x: np.ndarray) -> None:
@@ -120,16 +133,21 @@ class Pipeline:
         check_finite(latents, f"the {len(plan)}-evaluation {plan.name} loop")
         return latents
 
-    def _encode_prompts(self, request: GenerationRequest) -> tuple[np.ndarray, tuple[int, ...]]:
-        prompts = [request.prompt] * request.batch
-        if request.guidance != 1.0:
-            prompts = [request.negative_prompt] * request.batch + prompts
-        tokens = self.token_ids(prompts)
+    def _encode_prompts(self, requests: Sequence[GenerationRequest]) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+        """Context (2N or N, L, D) for N images: [negatives; prompts] when guided; and per request the
+        tokens cut off per prompt (its negatives' then its prompts')."""
+        prompts = [r.prompt for r in requests for _ in range(r.batch)]
+        guided = requests[0].guidance != 1.0
+        negatives = [r.negative_prompt for r in requests for _ in range(r.batch)] if guided else []
+        tokens = self.token_ids(negatives + prompts)
         start = time.perf_counter()
         context = self.runners["text_encoder"].run({"input_ids": tokens.ids})["text_embeddings"].copy()
         self.timer.add("text_encoder", time.perf_counter() - start)
         check_finite(context, "text encoder")
-        return context, tokens.dropped
+        bounds = np.cumsum([0, *(r.batch for r in requests)])
+        cut_negatives, cut_prompts = tokens.dropped[:len(negatives)], tokens.dropped[len(negatives):]
+        dropped = [(*cut_negatives[a:b], *cut_prompts[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return context, dropped
 
     def _initial_noise(self, request: GenerationRequest, rng: np.random.Generator) -> np.ndarray:
         shape = latent_shape(request, self.recipe)
@@ -156,6 +174,24 @@ class Pipeline:
         self.timer.add("vae_decoder", time.perf_counter() - start)
         check_finite(images, "VAE decoder")
         return images
+
+
+def batch_key(request: GenerationRequest) -> tuple:
+    """What requests must share to run in one denoising loop: everything but prompts, seed, batch and
+    noise (a completed request's fields; the guidance scale is one number per loop)."""
+    return (request.height, request.width, request.steps, request.sampler, request.karras, request.spacing,
+            request.eta, request.guidance, request.image is None, request.strength)
+
+
+def _check_batchable(requests: Sequence[GenerationRequest], recipe: Recipe) -> None:
+    keys = {batch_key(r) for r in requests}
+    if len(keys) != 1:
+        raise ValueError(f"requests of {len(keys)} kinds cannot share one denoising loop: {sorted(keys, key=str)}")
+    total, allowed = sum(r.batch for r in requests), recipe.shapes.batch
+    if total > allowed.max:
+        raise UserError(f"{len(requests)} requests of {total} images in all exceed the bundle's batch profile.",
+                        expected=f"at most {allowed.max} images per loop", got=str(total),
+                        fix="send fewer images per batch, or widen shapes.batch in the recipe and re-export")
 
 
 def complete_request(request: GenerationRequest, recipe: Recipe) -> GenerationRequest:
