@@ -35,14 +35,19 @@ from sdrun.errors import run_cli
               help="with --export-only: a base component or all, repeatable (default: every base component and all)")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
               help="with --export-only: repeatable (default: fp32 and fp16)")
+@click.option("--serve-only", is_flag=True,
+              help="only serve: `sdrun serve` throughput (requests/s, p50/p95) at 1, 4 and 8 clients with and "
+                   "without batching, into <machine>-<recipe>-serve.json/.md")
 def main(recipe, steps, repeats, warmup, out, seed, threads, unet_step_only, sampler_repeats, no_convergence,
-         export_only, components, precisions) -> None:
+         export_only, components, precisions, serve_only) -> None:
     """Export the recipe with random weights, run every available backend on the same prompts and noise,
     and report accuracy (per component and end to end) and latency. Exits 1 when an accuracy gate fails
     or a backend this machine has fails to build or run; a backend it lacks is listed as not run.
     With --export-only: exits 1 when an export fails; the peak / weights target is reported only."""
     if export_only:
         sys.exit(export_only_main(recipe, seed, components or None, precisions or PRECISIONS, out))
+    if serve_only:
+        sys.exit(serve_only_main(recipe, seed, steps, threads, out))
     from benchmarks import provenance
     from benchmarks.config import BenchConfig, Scope
     from benchmarks.harness import BackendFailure, run_benchmark
@@ -76,6 +81,28 @@ def export_only_main(recipe: str, seed: int, components: tuple[str, ...] | None,
     paths = write_results(result, out, started, log=click.echo)
     click.echo("\n" + paths["markdown"].read_text())
     return 1 if result.failed else 0
+
+
+SERVE_STEPS = 10  # per request, when --steps is not given
+
+
+def serve_only_main(recipe: str, seed: int, steps: int | None, threads: int | None, out: Path) -> int:
+    """The serving benchmark on a random-weight bundle of `recipe`, exported first."""
+    import tempfile
+
+    from benchmarks import provenance
+    from benchmarks.exports import export_measured
+    from benchmarks.serve_throughput import serve_benchmark, write_serve_results
+
+    started = provenance.started()
+    steps = steps or SERVE_STEPS
+    with tempfile.TemporaryDirectory(prefix="sdcompile-bench-serve-") as scratch:
+        bundle = Path(scratch) / "bundle"
+        export_measured(recipe, "fp32", bundle, seed, log=lambda line: None)
+        rows = serve_benchmark(bundle, steps, threads, log=click.echo)
+    paths = write_serve_results(rows, recipe, steps, threads, out, started, log=click.echo)
+    click.echo("\n" + paths["markdown"].read_text())
+    return 0
 
 
 if __name__ == "__main__":

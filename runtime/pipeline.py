@@ -210,6 +210,8 @@ def complete_request(request: GenerationRequest, recipe: Recipe) -> GenerationRe
 def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) -> None:
     if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
         raise UserError("steps must be a positive integer.", got=repr(request.steps), fix="e.g. --steps 50")
+    if isinstance(request.seed, bool) or not isinstance(request.seed, int) or request.seed < 0:
+        raise UserError("seed must be a non-negative integer.", got=repr(request.seed), fix="e.g. --seed 42")
     for axis, value in (("height", request.height), ("width", request.width)):
         _check_size(axis, value, getattr(recipe.shapes, axis), recipe.size_multiple)
     batch = recipe.shapes.batch

@@ -112,6 +112,28 @@ def inspect_command(path, as_json) -> None:
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+@cli.command("triton-repo")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="repository directory to create")
+@click.option("--components", "kind", type=click.Choice(["onnxruntime", "tensorrt", "python"]), default="onnxruntime",
+              show_default=True, help="how the component models run: Triton's ONNX Runtime or TensorRT backend, "
+                                      "or Python-backend models on sdrun's ONNX Runtime runner")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="instances per model (Triton's instance_group count)")
+def triton_repo_command(bundle, out, kind, instances) -> None:
+    """Write a Triton model repository: one model per component and a BLS `pipeline` model (txt2img).
+
+    \b
+    Example:
+      sdcompile triton-repo bundle/ --out repo/ --components python
+      tritonserver --model-repository repo/
+    """
+    from sdcompile.triton_repo import ComponentKind, write_repository
+
+    models = write_repository(bundle, out, ComponentKind(kind), instances)
+    click.echo(f"wrote {out} ({', '.join(models)})")
+
+
 register_trt(cli)
 
 

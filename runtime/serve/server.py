@@ -24,6 +24,7 @@ from sdrun.session import pipeline_on
 
 LOOPBACK = "127.0.0.1"
 EXIT_TIMEOUT_S = 60  # how long Triton waits for in-flight requests on shutdown
+START_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +55,19 @@ def serve(options: ServeOptions, echo: Callable[[str], None]) -> None:
                           metrics_port=options.metrics_port, exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=0)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with Triton(config=config) as triton:
-            for name, (model, slots) in models.items():
-                triton.bind(model_name=name, infer_func=[_callable(model)] * slots,
-                            inputs=[_tensor(Tensor, spec) for spec in model_inputs(name)],
-                            outputs=[_tensor(Tensor, spec) for spec in OUTPUTS],
-                            config=ModelConfig(batching=False), strict=True)
-            echo(f"serving {', '.join(models)} on http://{options.host}:{options.http_port} "
-                 f"(gRPC {options.grpc_port}, metrics {options.metrics_port})")
-            triton.serve()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            with Triton(config=config) as triton:
+                for name, (model, slots) in models.items():
+                    triton.bind(model_name=name, infer_func=[_callable(model)] * slots,
+                                inputs=[_tensor(Tensor, spec) for spec in model_inputs(name)],
+                                outputs=[_tensor(Tensor, spec) for spec in OUTPUTS],
+                                config=ModelConfig(batching=False), strict=True)
+                if not _loaded(triton, attempt, echo):
+                    continue
+                echo(f"serving {', '.join(models)} on http://{options.host}:{options.http_port} "
+                     f"(gRPC {options.grpc_port}, metrics {options.metrics_port})")
+                triton.serve()
+                break
     finally:
         signal.signal(signal.SIGTERM, previous)
         for model, _ in models.values():
@@ -90,6 +95,23 @@ def load_models(options: ServeOptions, echo) -> dict[str, tuple[PipelineModel, i
     names = [TXT2IMG, *([IMG2IMG] if img2img else [])]
     return {name: (PipelineModel(name, bundle, [l.pipeline for l in loaded], backend, max_images, delay), slots)
             for name in names}
+
+
+def _loaded(triton, attempt: int, echo) -> bool:
+    """Start Triton and load the models; False (after saying why) when a start that may be retried failed.
+
+    PyTriton's proxy instances can lose the race for their handshake socket while Triton loads several at
+    once ("Connection refused"): a fresh start succeeds."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        triton.connect()
+    except InferenceServerException as err:
+        if attempt == START_ATTEMPTS:
+            raise
+        echo(f"Triton could not load the models ({str(err).splitlines()[0][:200]}); starting it again")
+        return False
+    return True
 
 
 def _has_encoder(manifest) -> bool:

@@ -15,7 +15,7 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton (the serve extra) is not
 
 from sdrun.errors import UserError  # noqa: E402
 from sdrun.serve.client import remote_generate, request_tensors  # noqa: E402
-from tests.serve.server_process import running_server  # noqa: E402
+from benchmarks.server_process import running_server  # noqa: E402
 
 STEPS = 3
 PIXEL = 1  # uint8 levels between a served image (batched with others) and the same request run alone
