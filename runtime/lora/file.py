@@ -53,12 +53,20 @@ class LoraFile:
     modules: dict[tuple[str, str], LoraPair]  # (model, module name as the file spells it) -> pair
 
 
+PICKLED_SUFFIXES = (".pt", ".ckpt", ".bin")  # torch.save archives: read by the compiler's restricted unpickler
+
+
 def read_lora(path: Path) -> LoraFile:
-    """The LoRA at `path`, checked: complete file, known keys, a down and an up per module, finite values."""
+    """The LoRA `.safetensors` at `path`, checked: complete file, known keys, a down and an up per module,
+    finite values."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"LoRA file {path} does not exist.", fix="pass the path of a .safetensors LoRA file")
-    tensors, metadata = _read_tensors(path)
+    return lora_from_tensors(path, *_read_tensors(path))
+
+
+def lora_from_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> LoraFile:
+    """The LoRA that `tensors` (key -> float array, as read from `path`) and the file's metadata describe."""
     layout = _layout(path, tensors)
     roles = _grouped(path, tensors, layout)
     alphas = _metadata_alphas(metadata) if layout == "diffusers" else {}
@@ -70,8 +78,13 @@ def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     import safetensors
     import safetensors.numpy
 
+    if path.suffix in PICKLED_SUFFIXES:
+        raise UserError(f"cannot read LoRA {path.name} at run time: {path.suffix} files are torch pickles, which "
+                        "the runtime does not read.", fix=f"merge it at export (sdcompile export --lora {path}), "
+                        "or convert it to .safetensors")
     if path.suffix != ".safetensors":
-        raise UserError(f"cannot read LoRA {path.name}: only .safetensors LoRA files are read.",
+        raise UserError(f"cannot read LoRA {path.name}: only .safetensors LoRA files are read "
+                        f"({', '.join(PICKLED_SUFFIXES)} at export).",
                         got=path.suffix or "no suffix", fix="convert the LoRA to .safetensors")
     check_safetensors_extent(path)
     length, header = read_header(path, path.stat().st_size)

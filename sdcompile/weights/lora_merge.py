@@ -3,6 +3,7 @@ hashed and traced, so the bundle's weights (and `weights_sha256`) are the merged
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -11,6 +12,7 @@ from sdcompile.weights.layout import LDM_PREFIXES, Component
 from sdcompile.weights.loading import StableDiffusionModels, build_models
 from sdrun.errors import UserError
 from sdrun.lora import LoraFile, LoraRequest, lora_deltas, lora_record, read_lora
+from sdrun.lora.file import PICKLED_SUFFIXES, lora_from_tensors
 from sdrun.lora.delta import fitted_modules
 
 MERGED_MODELS = (Component.UNET, Component.TEXT_ENCODER)
@@ -21,7 +23,7 @@ class LoraMerge:
 
     def __init__(self, requests: Sequence[LoraRequest], recipe: Recipe):
         self.requests, self.recipe = tuple(requests), recipe
-        self.files = [read_lora(request.path) for request in self.requests]
+        self.files = [read_lora_file(request.path) for request in self.requests]
         self.touched: list[dict[str, int]] = [{} for _ in self.requests]
         for lora in self.files:
             _check_models(lora)
@@ -57,6 +59,24 @@ class LoraMerge:
         """Per LoRA: file name, sha256, scale and the tensors changed per model (for the manifest)."""
         return [lora_record(request, lora.sha256, touched)
                 for request, lora, touched in zip(self.requests, self.files, self.touched)]
+
+
+def read_lora_file(path: Path) -> LoraFile:
+    """A `.safetensors` LoRA as the runtime reads it; a torch pickle (`.pt`, ...) through the restricted
+    unpickler, which rebuilds tensors and runs nothing from the file."""
+    path = Path(path)
+    if path.suffix not in PICKLED_SUFFIXES or not path.is_file():
+        return read_lora(path)
+    from sdcompile.weights.unpickler import read_pickled
+
+    state = read_pickled(path)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"LoRA {path.name} holds no flat dictionary of tensors.",
+                        expected="a torch.save of {key: tensor} in the kohya or diffusers layout",
+                        fix="save the LoRA's state dict, or a .safetensors copy")
+    tensors = {key: value.detach().float().numpy() for key, value in state.items()}
+    return lora_from_tensors(path, tensors, {})
 
 
 def _check_models(lora: LoraFile) -> None:

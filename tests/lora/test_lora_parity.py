@@ -153,3 +153,27 @@ def test_swap_reads_the_weights_from_external_data_as_from_the_graph(tiny_bundle
         for name, value in values.items():
             assert value.dtype == spilled[component][name].dtype
             np.testing.assert_array_equal(value, spilled[component][name], err_msg=f"{component}.{name}")
+
+
+def test_a_pickled_lora_merges_at_export_as_its_safetensors_copy_and_is_refused_at_run_time(
+        merged_bundle, tiny_bundle, loras, tmp_path, capsys):
+    import safetensors.torch
+    import torch
+
+    from sdrun.bundle import read_manifest
+    from sdrun.cli import main
+
+    pickled = tmp_path / "first_kohya.pt"
+    torch.save(safetensors.torch.load_file(str(loras["first_kohya"])), pickled)
+    from sdcompile.cli import cli
+
+    out = tmp_path / "from-pt"
+    result = CliRunner().invoke(cli, ["export", "--recipe", "tiny", "--random-weights", "--out", str(out),
+                                      "--component", "text_encoder", "--no-verify", "--lora", f"{pickled}:{SCALE}"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out).weights_sha256 == read_manifest(merged_bundle).weights_sha256
+    with pytest.raises(SystemExit) as exited:
+        main(["txt2img", "--bundle", str(tiny_bundle), "--prompt", "a", "--lora", str(pickled), "--steps", "1",
+              "--backend", "onnxruntime", "--out", str(tmp_path / "no.png")])
+    assert exited.value.code == 2 and "merge it at export" in capsys.readouterr().err
+    assert not (tmp_path / "no.png").exists()
