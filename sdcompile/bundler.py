@@ -136,7 +136,9 @@ def _export_model(part: str, names: list[str], config: ExportConfig, loras: Lora
     models = _load_model(part, config, loras, log)
     digest.add(part, models.component(Component(part)).state_dict())
     traced = {}
-    for name in names:
+    # Derived components (no trace of their own) first: their eager references then run before any trace
+    # leaves the exporter's allocations behind on top of the model.
+    for name in sorted(names, key=lambda n: not component_spec(n, config.recipe).derived_from):
         with stage(f"exporting {name}"):
             traced[name] = _eager_phase(name, models, config, staging / WORK_DIR / name, log)
     del models
@@ -166,7 +168,6 @@ def _eager_phase(name: str, models, config: ExportConfig, work: Path, log) -> _T
         graph = work / "traced" / "model.onnx"
         graph.parent.mkdir(parents=True)
         trace_to_file(module, inputs, spec.inputs, spec.outputs, dim_multiples(config.recipe), graph, config.opset)
-        return_freed_memory()  # the exporter's leftovers, before the next component's reference adds its peak
         phases.done(f"traced (opset {config.opset})")
         sources = traced_sources(module, models.component(spec.model), LDM_PREFIXES[spec.model], graph)
         return _Traced(spec, phases, checked, references, graph, sources)
