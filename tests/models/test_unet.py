@@ -147,6 +147,11 @@ def test_sdxl_unet_has_the_layout_diffusers_single_file_loader_reads():
     assert got == expected, shape_report(got, expected)
     assert sum(p.numel() for p in ours.parameters()) == SDXL_BASE_UNET_PARAMS
     assert sum(p.numel() for p in theirs.parameters()) == SDXL_BASE_UNET_PARAMS
+    # and our own table (diffusers folders, LoRA names) renames the other way to exactly our keys
+    renamed = diffusers_layout.unet_from_diffusers(theirs.state_dict(), ours.config)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    renamed_shapes = {k: tuple(v.shape) for k, v in renamed.items()}
+    assert renamed_shapes == ours_shapes, shape_report(renamed_shapes, ours_shapes)
 
 
 def diffusers_unet_with_our_weights(recipe_name: str):
