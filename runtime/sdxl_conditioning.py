@@ -7,6 +7,7 @@ numpy only, so that the runtime builds y without torch; the compiler's tests che
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -35,8 +36,10 @@ def sinusoidal_embedding(values: np.ndarray, dim: int, max_period: int = MAX_PER
     """(N,) -> (N, dim) float32, [cos(v·f), sin(v·f)] with f = max_period^(−i/half), i < half = dim // 2
     (Vaswani et al. 2017, §3.5); an odd `dim` ends in a zero column."""
     half = dim // 2
-    freqs = np.exp(-np.log(max_period) * np.arange(half, dtype=np.float32) / half).astype(np.float32)
-    args = np.asarray(values, dtype=np.float32)[:, None] * freqs[None]  # (N, half)
+    # In float64: fp32 implementations (torch's, diffusers') round each argument v·f to about one fp32 ulp
+    # of v, which the embedding inherits; this one is closer to exact than either.
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half)  # (half,)
+    args = np.asarray(values, dtype=np.float64)[:, None] * freqs[None]  # (N, half)
     embedding = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
     if dim % 2:
         embedding = np.pad(embedding, ((0, 0), (0, 1)))
