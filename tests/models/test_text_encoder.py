@@ -278,3 +278,16 @@ def test_pooled_output_reads_the_end_token_only():
         (_, before), (_, after) = ours(ids), ours(changed)
     assert before.shape == (BATCH, POOLED_OPENCLIP.width)
     assert torch.equal(before[0], after[0])
+
+
+@pytest.mark.parametrize("config", [TINY_OPENCLIP, POOLED_OPENCLIP], ids=["penultimate", "pooled"])
+def test_only_keys_that_never_reach_the_output_count_as_unused(config):
+    """A diffusers folder may omit exactly these (loading fills them), so a pooled encoder must not list
+    text_projection or its last block: filled with zeros they would silently change its output."""
+    from sdcompile.diffusers_layout import is_unused_openclip_key
+
+    keys = build_text_encoder(config).state_dict()
+    expected = {"model.logit_scale"}
+    if not config.pooled_output:
+        expected |= {"model.text_projection"} | {k for k in keys if k.startswith("model.transformer.resblocks.2.")}
+    assert {key for key in keys if is_unused_openclip_key(key, config)} == expected
