@@ -66,14 +66,17 @@ def unet_prefix_table(config: UNetConfig) -> dict[str, str]:
         "conv_out": "out.2",
         "mid_block.attentions.0": "middle_block.1",
     }
+    if config.adm_in_channels:  # SDXL: add_embedding = TimestepEmbedding over [pooled text, size embeddings]
+        table |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     table |= _unet_resnet("mid_block.resnets.0", "middle_block.0")
     table |= _unet_resnet("mid_block.resnets.1", "middle_block.2")
     return table | _unet_down_table(config) | _unet_up_table(config)
 
 
 def has_attention(config: UNetConfig, level: int) -> bool:
-    """ldm puts a SpatialTransformer at level `level` when its downsampling factor 2^level is listed."""
-    return 2 ** level in config.attention_resolutions
+    """ldm puts a SpatialTransformer at level `level` when its downsampling factor 2^level is listed
+    and the level's transformer depth is not 0."""
+    return config.has_attention(level)
 
 
 def _unet_resnet(diffusers_prefix: str, ldm_prefix: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ class Family(enum.Enum):
 
     SD1 = "sd1"
     SD2 = "sd2"
+    SDXL = "sdxl"  # two text encoders (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14), pooled text and size conditioning
 
 
 class Parameterization(enum.Enum):
@@ -44,6 +45,7 @@ class TextActivation(enum.Enum):
 class TextOutputLayer(enum.Enum):
     LAST = "last"  # all layers, then the final LayerNorm (SD1)
     PENULTIMATE = "penultimate"  # all but the last layer, then the final LayerNorm (SD2)
+    PENULTIMATE_HIDDEN = "penultimate_hidden"  # all but the last layer, no final LayerNorm (SDXL, both encoders)
 
 
 class TokenizerPadding(enum.Enum):
@@ -62,7 +64,14 @@ class DDPMSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """ldm `openaimodel.UNetModel` arguments (num_heads or num_head_channels, the other −1)."""
+    """ldm `openaimodel.UNetModel` arguments (num_heads or num_head_channels, the other −1).
+
+    `transformer_depth` is one depth for every level (SD1/SD2) or one per level (SDXL); a level has a
+    SpatialTransformer where its downsampling factor is in `attention_resolutions` and its depth is > 0.
+    `mid_transformer_depth` None means the last level's depth. `adm_in_channels` > 0 adds the `label_emb`
+    MLP over the extra conditioning vector y (SDXL: pooled text + sinusoidal size values of
+    `size_embed_dim` each); 0 means none.
+    """
 
     in_channels: int
     out_channels: int
@@ -73,8 +82,25 @@ class UNetConfig:
     context_dim: int
     num_heads: int = -1
     num_head_channels: int = -1
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     use_linear_in_transformer: bool = False
+    mid_transformer_depth: int | None = None
+    adm_in_channels: int = 0
+    size_embed_dim: int = 256
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at UNet level `level` (0 = full resolution)."""
+        depth = self.transformer_depth
+        return depth if isinstance(depth, int) else depth[level]
+
+    @property
+    def mid_depth(self) -> int:
+        if self.mid_transformer_depth is not None:
+            return self.mid_transformer_depth
+        return self.depth_at(len(self.channel_mult) - 1)
+
+    def has_attention(self, level: int) -> bool:
+        return 2 ** level in self.attention_resolutions and self.depth_at(level) > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +127,7 @@ class TextEncoderConfig:
     padding: TokenizerPadding
     vocab_size: int = 49408
     context_length: int = 77
+    pooled_output: bool = False  # also return ln_final at the end token @ text_projection (SDXL's encoder 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +164,7 @@ class Recipe:
     vae: AutoencoderConfig
     text_encoder: TextEncoderConfig
     shapes: ShapeRanges
+    text_encoder_2: TextEncoderConfig | None = None  # SDXL: its hidden states are concatenated after encoder 1's
     default_sampler: str = "ddim"  # a name or id from `sdrun samplers`
 
     @property
@@ -148,6 +176,10 @@ class Recipe:
     def size_multiple(self) -> int:
         """Image sizes must be multiples of this so that every UNet down/up level lines up."""
         return self.vae_scale * 2 ** (len(self.unet.channel_mult) - 1)
+
+    @property
+    def text_encoders(self) -> tuple[TextEncoderConfig, ...]:
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
 
     def to_dict(self) -> dict:
         return _to_plain(self)
@@ -178,9 +210,36 @@ def _check_recipe(recipe: Recipe, path: Path) -> None:
         raise UserError(f"{path}: unet needs exactly one of num_heads and num_head_channels.",
                         got=f"num_heads={unet.num_heads} num_head_channels={unet.num_head_channels}",
                         fix="set one of them and leave the other out")
-    if unet.context_dim != recipe.text_encoder.width:
-        raise UserError(f"{path}: unet.context_dim must equal text_encoder.width.",
-                        got=f"{unet.context_dim} vs {recipe.text_encoder.width}", fix="make them equal")
+    _check_depths(unet, path)
+    widths = [encoder.width for encoder in recipe.text_encoders]
+    if unet.context_dim != sum(widths):
+        raise UserError(f"{path}: unet.context_dim must equal the sum of the text encoders' widths.",
+                        got=f"{unet.context_dim} vs {' + '.join(map(str, widths))}", fix="make them equal")
+    _check_pooled_conditioning(recipe, path)
+
+
+def _check_depths(unet: UNetConfig, path: Path) -> None:
+    depth = unet.transformer_depth
+    if not isinstance(depth, int) and len(depth) != len(unet.channel_mult):
+        raise UserError(f"{path}: unet.transformer_depth needs one depth per level (as many as channel_mult).",
+                        got=f"{len(depth)} depths for {len(unet.channel_mult)} levels",
+                        fix="list one depth per level, or give a single number for all")
+
+
+def _check_pooled_conditioning(recipe: Recipe, path: Path) -> None:
+    """The pooled text of the encoder that has one, and the size values, must fill `adm_in_channels`."""
+    from sdrun.sdxl_conditioning import SIZE_VALUES
+
+    pooled = [encoder for encoder in recipe.text_encoders if encoder.pooled_output]
+    if any(e.kind is not TextEncoderKind.OPENCLIP for e in pooled) or len(pooled) > 1:
+        raise UserError(f"{path}: pooled_output is supported on one OpenCLIP text encoder.",
+                        got=", ".join(e.kind.value for e in pooled), fix="set it on text_encoder_2 only")
+    unet = recipe.unet
+    expected = pooled[0].width + SIZE_VALUES * unet.size_embed_dim if pooled else 0
+    if unet.adm_in_channels != expected:
+        raise UserError(f"{path}: unet.adm_in_channels must be the pooled text width plus {SIZE_VALUES} size "
+                        "embeddings of unet.size_embed_dim (0 without a pooled text encoder).",
+                        got=f"{unet.adm_in_channels}, expected {expected}", fix=f"set it to {expected}")
 
 
 def _check_sampler(name: str, path: Path) -> None:
@@ -217,6 +276,8 @@ def _build(cls, data, path: Path, where: str):
 
 def _convert(hint, value, path: Path, where: str):
     origin = typing.get_origin(hint)
+    if isinstance(hint, types.UnionType):
+        return _convert_union(hint, value, path, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, where)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
@@ -234,6 +295,22 @@ def _convert(hint, value, path: Path, where: str):
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise _type_error(path, where, _describe(hint), value)
     return value
+
+
+def _convert_union(hint, value, path: Path, where: str):
+    """`None` where the hint allows it, else the first alternative that accepts `value` (a single one
+    reports its own error)."""
+    alternatives = [a for a in typing.get_args(hint) if a is not types.NoneType]
+    if value is None and len(alternatives) < len(typing.get_args(hint)):
+        return None
+    if len(alternatives) == 1:
+        return _convert(alternatives[0], value, path, where)
+    for alternative in alternatives:
+        try:
+            return _convert(alternative, value, path, where)
+        except UserError:
+            continue
+    raise _type_error(path, where, _describe(hint), value)
 
 
 def _type_error(path: Path, where: str, expected: str, value) -> UserError:

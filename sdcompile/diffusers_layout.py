@@ -135,11 +135,16 @@ def _stacked_in_projections(qkv: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def is_unused_openclip_key(key: str, config: TextEncoderConfig) -> bool:
-    """Keys of the OpenCLIP text encoder (our `model.…` layout) that never affect its output."""
-    if key in ("model.text_projection", "model.logit_scale"):
+    """Keys of the OpenCLIP text encoder (our `model.…` layout) that never affect its output; the pooled
+    output (SDXL) runs the last block and uses `text_projection`."""
+    if key == "model.logit_scale":
+        return True
+    if config.pooled_output:
+        return False
+    if key == "model.text_projection":
         return True
     last_block = f"model.transformer.resblocks.{config.layers - 1}."
-    return config.output_layer is TextOutputLayer.PENULTIMATE and key.startswith(last_block)
+    return config.output_layer is not TextOutputLayer.LAST and key.startswith(last_block)
 
 
 def unused_openclip_fill(expected: Mapping[str, torch.Size], present: Iterable[str],

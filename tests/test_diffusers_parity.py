@@ -24,6 +24,19 @@ GROUP_NORM_GROUPS = 32
 SEED = 1234
 
 
+# The published diffusers config of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), the
+# structural entries; everything else is UNet2DConditionModel's default.
+SDXL_BASE_DIFFUSERS_CONFIG = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "cross_attention_dim": 2048, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ParityInputs:
     latents: torch.Tensor  # (B, 4, h, w)
@@ -39,11 +52,17 @@ class ParityInputs:
 def diffusers_unet(recipe: Recipe):
     cfg = recipe.unet
     levels = range(len(cfg.channel_mult))
-    attention = [2 ** level in cfg.attention_resolutions for level in levels]
+    attention = [cfg.has_attention(level) for level in levels]
     channels = tuple(cfg.model_channels * mult for mult in cfg.channel_mult)
     # diffusers' `attention_head_dim` holds the number of heads per level.
     heads = cfg.num_heads if cfg.num_head_channels == -1 else tuple(c // cfg.num_head_channels for c in channels)
+    # Per level; diffusers ignores it where a level has no attention, and its mid block takes the last one.
+    depths = tuple(max(cfg.depth_at(level), 1) for level in levels[:-1]) + (cfg.mid_depth,)
+    assert cfg.depth_at(levels[-1]) == cfg.mid_depth, "diffusers has no separate mid-block depth"
+    sdxl = {"addition_embed_type": "text_time", "addition_time_embed_dim": cfg.size_embed_dim,
+            "projection_class_embeddings_input_dim": cfg.adm_in_channels} if cfg.adm_in_channels else {}
     return diffusers.UNet2DConditionModel(
+        **sdxl,
         sample_size=recipe.default_height // recipe.vae_scale,
         in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_out_channels=channels, layers_per_block=cfg.num_res_blocks,
@@ -51,7 +70,7 @@ def diffusers_unet(recipe: Recipe):
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         mid_block_type="UNetMidBlock2DCrossAttn",
         cross_attention_dim=cfg.context_dim, attention_head_dim=heads,
-        transformer_layers_per_block=cfg.transformer_depth, use_linear_projection=cfg.use_linear_in_transformer,
+        transformer_layers_per_block=depths, use_linear_projection=cfg.use_linear_in_transformer,
         norm_num_groups=GROUP_NORM_GROUPS, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
     )
 

@@ -21,6 +21,8 @@ from tests.fixtures.released_layout import key_pattern, released_state_dict, wri
 from tests.models.reference_keys import PREFIXES, reference_shapes
 
 TWINS = {Family.SD1: "tiny", Family.SD2: "tiny-v"}
+# Families whose models exist but not yet the export and runtime path; each entry leaves with its twin.
+PENDING = {Family.SDXL: "tiny-xl"}
 REFERENCE_SECTIONS = {Family.SD1: ("sd1_unet", "vae", "sd1_text"), Family.SD2: ("sd2_unet", "vae", "sd2_text")}
 PROMPT, NEGATIVE_PROMPT = "a lighthouse on a cliff at dawn", "blurry"
 STEPS, GUIDANCE, SIZE = 10, 7.5, 64
@@ -57,8 +59,10 @@ def twin(request, tmp_path_factory) -> Twin:
 
 def test_every_family_has_a_twin():
     families = {load_recipe(name).family for name in available_recipes()}
-    assert families == set(TWINS), f"families without a tiny twin here: {families - set(TWINS)}"
-    assert all(load_recipe(name).family is family for family, name in TWINS.items())
+    covered = set(TWINS) | set(PENDING)
+    assert families == covered, f"families without a tiny twin here: {families - covered}"
+    assert not set(TWINS) & set(PENDING), "a family with a twin is still listed as pending"
+    assert all(load_recipe(name).family is family for family, name in (TWINS | PENDING).items())
 
 
 @pytest.mark.parametrize("family", sorted(TWINS, key=lambda f: f.value))

@@ -2,13 +2,14 @@ import dataclasses
 
 import pytest
 
-from sdcompile.recipes import (RECIPES_DIR, Family, Parameterization, TokenizerPadding, available_recipes,
+from sdcompile.recipes import (RECIPES_DIR, Family, Parameterization, TextOutputLayer, TokenizerPadding,
+                               available_recipes,
                                load_recipe, recipe_from_dict)
 from sdrun.errors import UserError
 
 
 def test_builtin_recipes_load():
-    assert available_recipes() == ["sd15", "sd21", "sd21-base", "tiny", "tiny-v"]
+    assert available_recipes() == ["sd15", "sd21", "sd21-base", "sdxl", "tiny", "tiny-v", "tiny-xl"]
     for name in available_recipes():
         assert load_recipe(name).name == name
 
@@ -23,9 +24,28 @@ def test_recipe_values_follow_the_original_configs():
     assert sd15.schedule.linear_start == 0.00085 and sd15.latent_scale_factor == 0.18215
 
 
-def test_round_trip_through_dict():
-    recipe = load_recipe("sd21")
+@pytest.mark.parametrize("name", ["sd21", "sdxl"])
+def test_round_trip_through_dict(name):
+    recipe = load_recipe(name)
     assert recipe_from_dict(recipe.to_dict()) == recipe
+
+
+def test_sdxl_recipe_follows_sd_xl_base():
+    sdxl = load_recipe("sdxl")
+    unet, (clip, bigg) = sdxl.unet, sdxl.text_encoders
+    assert sdxl.family is Family.SDXL and sdxl.latent_scale_factor == 0.13025 and sdxl.default_guidance == 5.0
+    assert [unet.depth_at(level) for level in range(3)] == [0, 2, 10] and unet.mid_depth == 10
+    assert [unet.has_attention(level) for level in range(3)] == [False, True, True]
+    assert unet.context_dim == clip.width + bigg.width == 2048
+    assert unet.adm_in_channels == bigg.width + 6 * unet.size_embed_dim == 2816
+    assert (bigg.width, bigg.heads, bigg.layers, bigg.pooled_output) == (1280, 20, 32, True)
+    assert clip.output_layer is bigg.output_layer is TextOutputLayer.PENULTIMATE_HIDDEN
+
+
+def test_scalar_transformer_depth_applies_to_every_level_and_the_middle():
+    unet = load_recipe("sd15").unet
+    assert unet.transformer_depth == 1 and unet.mid_depth == 1
+    assert load_recipe("sd15").text_encoder_2 is None and unet.adm_in_channels == 0
 
 
 def _write(tmp_path, text):
@@ -78,3 +98,22 @@ def test_size_multiple():
     assert load_recipe("sd15").size_multiple == 64
     assert load_recipe("tiny").size_multiple == 16
     assert dataclasses.is_dataclass(load_recipe("tiny"))
+
+
+def _tiny_xl_text(**replace):
+    text = (RECIPES_DIR / "tiny-xl.toml").read_text()
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("transformer_depth = [0, 1, 2]", "transformer_depth = [0, 1]", "one depth per level"),
+    ("adm_in_channels = 128", "adm_in_channels = 2816", "set it to 128"),
+    ("context_dim = 64", "context_dim = 32", "sum of the text encoders' widths"),
+    ("transformer_depth = [0, 1, 2]", 'transformer_depth = "deep"', "int or a list of int"),
+])
+def test_sdxl_structure_is_checked(tmp_path, old, new, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe(_write(tmp_path, _tiny_xl_text(**{old: new})))

@@ -1,11 +1,14 @@
 """The causal text transformers that condition Stable Diffusion (Radford et al. 2021, §2.4).
 
 SD1 uses OpenAI CLIP ViT-L/14 as stored by Hugging Face `CLIPTextModel` (keys `transformer.text_model.…`);
-SD2 uses OpenCLIP ViT-H/14 as stored by open_clip (keys `model.…`). The two are the same computation —
+SD2 uses OpenCLIP ViT-H/14 as stored by open_clip (keys `model.…`); SDXL uses both, CLIP ViT-L/14 and
+OpenCLIP ViT-bigG/14, each read before its final LayerNorm (PENULTIMATE_HIDDEN), and bigG's pooled output. The two are the same computation —
 pre-LN transformer blocks (LayerNorm eps 1e-5), learned absolute positions, causal self-attention —
 under different parameter names, a fused q/k/v projection in open_clip, and a different MLP activation.
-Both map token ids (B, context_length) to hidden states (B, context_length, width) after the final
-LayerNorm, taken after all blocks (LAST) or all but the last (PENULTIMATE).
+Both map token ids (B, context_length) to hidden states (B, context_length, width), taken after all blocks
+(LAST) or all but the last (PENULTIMATE, PENULTIMATE_HIDDEN), then through the final LayerNorm except for
+PENULTIMATE_HIDDEN. The pooled output (SDXL's encoder 2) is the final LayerNorm of the last block's output
+at the end-of-text token (the largest id, so the argmax), times `text_projection`.
 """
 from __future__ import annotations
 
@@ -34,8 +37,12 @@ def activation_module(activation: TextActivation) -> nn.Module:
 
 
 def blocks_to_run(config: TextEncoderConfig) -> int:
-    """How many transformer blocks feed the final LayerNorm."""
+    """How many transformer blocks feed the output hidden states."""
     return config.layers if config.output_layer is TextOutputLayer.LAST else config.layers - 1
+
+
+def applies_final_norm(config: TextEncoderConfig) -> bool:
+    return config.output_layer is not TextOutputLayer.PENULTIMATE_HIDDEN
 
 
 def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -115,6 +122,7 @@ class CLIPTextTransformer(nn.Module):
     def __init__(self, config: TextEncoderConfig, attention_impl: AttentionImpl):
         super().__init__()
         self.blocks_to_run = blocks_to_run(config)
+        self.final_norm = applies_final_norm(config)
         self.embeddings = CLIPEmbeddings(config)
         self.encoder = CLIPEncoder(config, attention_impl)
         self.final_layer_norm = layer_norm(config.width)
@@ -123,7 +131,7 @@ class CLIPTextTransformer(nn.Module):
         x = self.embeddings(input_ids)
         for layer in self.encoder.layers[: self.blocks_to_run]:
             x = layer(x)
-        return self.final_layer_norm(x)
+        return self.final_layer_norm(x) if self.final_norm else x
 
 
 class CLIPTextModel(nn.Module):
@@ -199,13 +207,14 @@ class OpenCLIPTransformer(nn.Module):
 class OpenCLIPTextModel(nn.Module):
     """open_clip's CLIP without its vision tower.
 
-    Blocks past `blocks_to_run`, `text_projection` and `logit_scale` do not affect the output; they are
-    kept so that real checkpoints load strictly.
+    Without the pooled output, blocks past `blocks_to_run`, `text_projection` and `logit_scale` do not
+    affect the output; they are kept so that real checkpoints load strictly.
     """
 
     def __init__(self, config: TextEncoderConfig, attention_impl: AttentionImpl):
         super().__init__()
         self.blocks_to_run = blocks_to_run(config)
+        self.final_norm = applies_final_norm(config)
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
         self.transformer = OpenCLIPTransformer(config, attention_impl)
@@ -216,10 +225,26 @@ class OpenCLIPTextModel(nn.Module):
         nn.init.normal_(self.text_projection, std=config.width ** -0.5)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.output(self.run_blocks(input_ids))
+
+    def run_blocks(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, S) -> the residual stream after `blocks_to_run` blocks (B, S, width)."""
         x = self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]  # (B, S, width)
         for block in self.transformer.resblocks[: self.blocks_to_run]:
             x = block(x)
-        return self.ln_final(x)
+        return x
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_final(x) if self.final_norm else x
+
+    def pooled(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """`run_blocks`' result -> the remaining blocks, ln_final at each row's end token, @ text_projection:
+        (B, width), as open_clip's `encode_text` before normalising."""
+        for block in self.transformer.resblocks[self.blocks_to_run:]:
+            x = block(x)
+        end = input_ids.argmax(dim=-1)  # (B,) <end_of_text> has the largest id in the CLIP vocabulary
+        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), end])  # (B, width)
+        return x @ self.text_projection
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -234,6 +259,15 @@ class OpenCLIPTextEncoder(nn.Module):
         return self.model(input_ids)
 
 
+class OpenCLIPPooledTextEncoder(OpenCLIPTextEncoder):
+    """SDXL's second text encoder (OpenCLIP ViT-bigG/14); keys = checkpoint keys minus `conditioner.embedders.1.`."""
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, context_length) -> hidden states (B, context_length, width), pooled (B, width)."""
+        x = self.model.run_blocks(input_ids)
+        return self.model.output(x), self.model.pooled(x, input_ids)
+
+
 TEXT_ENCODERS = {
     TextEncoderKind.CLIP: CLIPTextEncoder,
     TextEncoderKind.OPENCLIP: OpenCLIPTextEncoder,
@@ -242,4 +276,9 @@ TEXT_ENCODERS = {
 
 def build_text_encoder(config: TextEncoderConfig,
                        attention: AttentionImpl = AttentionImpl.SDPA) -> CLIPTextEncoder | OpenCLIPTextEncoder:
+    """The recipe's encoder; one with `pooled_output` returns (hidden states, pooled) from forward."""
+    if config.pooled_output:
+        if config.kind is not TextEncoderKind.OPENCLIP:
+            raise ValueError(f"pooled_output is implemented for the OpenCLIP tower, not {config.kind.value}")
+        return OpenCLIPPooledTextEncoder(config, attention)
     return TEXT_ENCODERS[config.kind](config, attention)

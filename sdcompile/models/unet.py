@@ -1,10 +1,13 @@
-"""The Stable Diffusion 1.x / 2.x denoising UNet (ldm `openaimodel.UNetModel`).
+"""The Stable Diffusion 1.x / 2.x / XL denoising UNet (ldm and generative-models `openaimodel.UNetModel`).
 
 Numerics and state_dict layout follow the original (`ldm/modules/diffusionmodules/openaimodel.py`,
 `util.py`, `ldm/modules/attention.py`): `state_dict()` keys are the checkpoint keys minus
 `model.diffusion_model.`. Differences that do not change results: no gradient checkpointing, no
 fp16 cast at the top of `forward`, no dropout (its slots stay as `nn.Identity` so key indices match),
 and attention goes through `sdcompile.models.attention` with the implementation chosen per instance.
+
+SDXL adds per-level transformer depths (none at depth 0) and `label_emb`, an MLP over the extra
+conditioning vector y (`sdrun.sdxl_conditioning`) whose output is added to the timestep embedding.
 
 Spatial sizes must be multiples of 2^(len(channel_mult) − 1) so that every skip connection lines up.
 """
@@ -32,8 +35,9 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = MAX_
     Same as ldm `util.timestep_embedding` (and diffusers with flip_sin_to_cos=True, freq_shift=0).
     """
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    freqs = torch.exp(-math.log(max_period) * exponent)  # (half,)
+    # ldm's order of operations, (−ln P · i) / half in fp32, so that the rounding matches it and diffusers
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    freqs = torch.exp(exponent)  # (half,)
     args = timesteps.float()[:, None] * freqs[None]  # (B, half)
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2·half)
     if dim % 2:
@@ -224,16 +228,16 @@ class _Blocks:
     def res(self, channels: int, out_channels: int) -> ResBlock:
         return ResBlock(channels, self.emb_channels, out_channels)
 
-    def transformer(self, channels: int) -> SpatialTransformer:
+    def transformer(self, channels: int, depth: int) -> SpatialTransformer:
         heads, dim_head = attention_heads(channels, self.config)
-        return SpatialTransformer(channels, heads, dim_head, self.config.transformer_depth,
-                                  self.config.context_dim, self.config.use_linear_in_transformer, self.impl)
+        return SpatialTransformer(channels, heads, dim_head, depth, self.config.context_dim,
+                                  self.config.use_linear_in_transformer, self.impl)
 
-    def level(self, channels: int, out_channels: int, downsample_factor: int) -> list[nn.Module]:
-        """A ResBlock, followed by a SpatialTransformer at the configured resolutions."""
+    def level(self, channels: int, out_channels: int, level: int) -> list[nn.Module]:
+        """A ResBlock, followed by a SpatialTransformer where the level has attention."""
         layers: list[nn.Module] = [self.res(channels, out_channels)]
-        if downsample_factor in self.config.attention_resolutions:
-            layers.append(self.transformer(out_channels))
+        if self.config.has_attention(level):
+            layers.append(self.transformer(out_channels, self.config.depth_at(level)))
         return layers
 
 
@@ -243,16 +247,14 @@ def build_input_blocks(blocks: _Blocks) -> tuple[nn.ModuleList, list[int]]:
     ch = cfg.model_channels
     modules = [TimestepEmbedSequential(conv3x3(cfg.in_channels, ch))]
     skip_channels = [ch]
-    factor = 1
     for level, mult in enumerate(cfg.channel_mult):
         for _ in range(cfg.num_res_blocks):
-            modules.append(TimestepEmbedSequential(*blocks.level(ch, mult * cfg.model_channels, factor)))
+            modules.append(TimestepEmbedSequential(*blocks.level(ch, mult * cfg.model_channels, level)))
             ch = mult * cfg.model_channels
             skip_channels.append(ch)
         if level != len(cfg.channel_mult) - 1:
             modules.append(TimestepEmbedSequential(Downsample(ch)))
             skip_channels.append(ch)
-            factor *= 2
     return nn.ModuleList(modules), skip_channels
 
 
@@ -261,22 +263,27 @@ def build_output_blocks(blocks: _Blocks, skip_channels: list[int]) -> nn.ModuleL
     cfg = blocks.config
     skips = list(skip_channels)
     ch = skips[-1]
-    factor = 2 ** (len(cfg.channel_mult) - 1)
     modules = []
     for level, mult in reversed(list(enumerate(cfg.channel_mult))):
         for i in range(cfg.num_res_blocks + 1):
             out_ch = mult * cfg.model_channels
-            layers = blocks.level(ch + skips.pop(), out_ch, factor)
+            layers = blocks.level(ch + skips.pop(), out_ch, level)
             ch = out_ch
             if level and i == cfg.num_res_blocks:
                 layers.append(Upsample(ch))
-                factor //= 2
             modules.append(TimestepEmbedSequential(*layers))
     return nn.ModuleList(modules)
 
 
+def label_embedding(adm_in_channels: int, emb_channels: int) -> nn.Sequential:
+    """SDXL's `label_emb` ("sequential" num_classes): y (B, adm) -> (B, emb); keys `0.0.*`, `0.2.*`."""
+    return nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, emb_channels), nn.SiLU(),
+                                       nn.Linear(emb_channels, emb_channels)))
+
+
 class UNetModel(nn.Module):
-    """ε/v-prediction UNet of Stable Diffusion (Rombach et al. 2022, §3.3; ldm `openaimodel.UNetModel`)."""
+    """ε/v-prediction UNet of Stable Diffusion (Rombach et al. 2022, §3.3; ldm `openaimodel.UNetModel`;
+    SDXL: Podell et al. 2023, §2.1-2.2)."""
 
     def __init__(self, config: UNetConfig, attention: AttentionImpl = AttentionImpl.SDPA):
         super().__init__()
@@ -284,19 +291,27 @@ class UNetModel(nn.Module):
         blocks = _Blocks(config, attention)
         mc, emb_ch = config.model_channels, blocks.emb_channels
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if config.adm_in_channels:
+            self.label_emb = label_embedding(config.adm_in_channels, emb_ch)
         self.input_blocks, skip_channels = build_input_blocks(blocks)
         ch = skip_channels[-1]
         self.middle_block = TimestepEmbedSequential(
-            blocks.res(ch, ch), blocks.transformer(ch), blocks.res(ch, ch))
+            blocks.res(ch, ch), blocks.transformer(ch, config.mid_depth), blocks.res(ch, ch))
         self.output_blocks = build_output_blocks(blocks, skip_channels)
         self.out = nn.Sequential(resblock_norm(mc), nn.SiLU(), conv3x3(mc, config.out_channels))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B, in_ch, h, w), timesteps (B,), (1,) or () of any numeric dtype, context (B, S, context_dim)
-        -> (B, out_ch, h, w)."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_ch, h, w), timesteps (B,), (1,) or () of any numeric dtype, context (B, S, context_dim),
+        y (B, adm_in_channels) exactly when the config has adm_in_channels -> (B, out_ch, h, w)."""
+        if (y is None) != (not self.config.adm_in_channels):
+            raise ValueError(f"this UNet takes y of width {self.config.adm_in_channels}" if self.config.adm_in_channels
+                             else "this UNet has no label_emb; pass no y")
         t = timesteps.reshape(-1).float().expand(x.shape[0])  # (B,)
         t_emb = timestep_embedding(t, self.config.model_channels).to(x.dtype)  # (B, mc)
         emb = self.time_embed(t_emb)  # (B, 4·mc)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))  # (B, 4·mc)
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context)

@@ -8,13 +8,18 @@ import torch
 from model_checks import rel_l2
 from reference_keys import reference_shapes
 
+from sdcompile import diffusers_layout
 from sdcompile.models.attention import AttentionImpl
 from sdcompile.models.unet import UNetModel, timestep_embedding
 from sdcompile.recipes import load_recipe
+from sdrun.sdxl_conditioning import SizeConditioning, conditioning_vector
+from tests.test_diffusers_parity import SDXL_BASE_DIFFUSERS_CONFIG, diffusers_unet
 
 ATTENTION_IMPL_REL_L2 = 1e-6  # SDPA vs explicit softmax attention, relative L2 of the UNet output
 SAME_MATH_REL_L2 = 1e-6  # two spellings of the same computation (conv 1x1 vs Linear, int vs float t)
 CONTEXT_LEN = 77
+PARITY_REL_L2 = 1e-5  # ours vs diffusers' UNet2DConditionModel on the same weights, fp32, relative L2 of the output
+SDXL_BASE_UNET_PARAMS = 2_567_463_684  # UNet2DConditionModel(**SDXL_BASE_DIFFUSERS_CONFIG), counted on meta
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
@@ -119,3 +124,90 @@ def test_single_timestep_broadcasts_over_batch(timestep):
         broadcast = model(x, timestep, context)
         per_sample = model(x, torch.full((2,), 400.0), context)
     assert rel_l2(broadcast, per_sample) <= SAME_MATH_REL_L2
+
+
+# --- SDXL: the real layout on the meta device, parity with diffusers at tiny size ------------------------
+
+
+def test_sdxl_unet_has_the_layout_diffusers_single_file_loader_reads():
+    """Our SDXL keys, prefixed as in sd_xl_base_1.0.safetensors, go through diffusers' own ldm converter
+    (`convert_ldm_unet_checkpoint`, what `from_single_file` runs on the released file) and come out as
+    exactly the published config's state_dict, every key used once, every shape equal."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    with torch.device("meta"):
+        ours = UNetModel(load_recipe("sdxl").unet)
+        theirs = diffusers.UNet2DConditionModel(**SDXL_BASE_DIFFUSERS_CONFIG)
+    checkpoint = {"model.diffusion_model." + key: value for key, value in ours.state_dict().items()}
+    converted = convert_ldm_unet_checkpoint(checkpoint, dict(theirs.config))
+    got = {k: tuple(v.shape) for k, v in converted.items()}
+    expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert len(converted) == len(checkpoint), "diffusers' converter left some of our keys unread"
+    assert got == expected, shape_report(got, expected)
+    assert sum(p.numel() for p in ours.parameters()) == SDXL_BASE_UNET_PARAMS
+    assert sum(p.numel() for p in theirs.parameters()) == SDXL_BASE_UNET_PARAMS
+    # and our own table (diffusers folders, LoRA names) renames the other way to exactly our keys
+    renamed = diffusers_layout.unet_from_diffusers(theirs.state_dict(), ours.config)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    renamed_shapes = {k: tuple(v.shape) for k, v in renamed.items()}
+    assert renamed_shapes == ours_shapes, shape_report(renamed_shapes, ours_shapes)
+
+
+def diffusers_unet_with_our_weights(recipe_name: str):
+    """(ours, diffusers') for a recipe: seeded random diffusers weights, renamed through our key table."""
+    recipe = load_recipe(recipe_name)
+    theirs = randomize(diffusers_unet(recipe), seed=5)
+    ours = UNetModel(recipe.unet).eval()
+    ours.load_state_dict(diffusers_layout.unet_from_diffusers(theirs.state_dict(), recipe.unet), strict=True)
+    return ours, theirs
+
+
+def sdxl_added_conditioning(config, batch: int, seed: int = 2):
+    """Pooled text (B, P) and size values (B, 6), as diffusers takes them, and our y (B, adm) from them."""
+    gen = torch.Generator().manual_seed(seed)
+    pooled_width = config.adm_in_channels - 6 * config.size_embed_dim
+    pooled = torch.randn(batch, pooled_width, generator=gen)
+    sizes = torch.tensor([SizeConditioning(1024, 768, 0, 0, 1024, 1024),
+                          SizeConditioning(512, 512, 32, 16, 768, 1024)][:batch], dtype=torch.float32)
+    y = torch.from_numpy(conditioning_vector(pooled.numpy(), sizes.numpy(), config.size_embed_dim))
+    return {"text_embeds": pooled, "time_ids": sizes}, y
+
+
+@pytest.mark.parametrize("recipe_name", ["tiny", "tiny-v", "tiny-xl"])
+def test_tiny_unet_matches_diffusers(recipe_name):
+    ours, theirs = diffusers_unet_with_our_weights(recipe_name)
+    config = ours.config
+    x, timesteps, _ = tiny_inputs(height=8, width=16)
+    context = torch.randn(2, CONTEXT_LEN, config.context_dim, generator=torch.Generator().manual_seed(4))
+    added, y = sdxl_added_conditioning(config, batch=2) if config.adm_in_channels else ({}, None)
+    with torch.no_grad():
+        expected = theirs(x, timesteps, encoder_hidden_states=context,
+                          added_cond_kwargs=added or None).sample
+        got = ours(x, timesteps, context, y) if y is not None else ours(x, timesteps, context)
+    assert expected.abs().mean() > 1e-3, "output is trivially small; random init did not reach every layer"
+    error = rel_l2(got, expected)
+    assert error <= PARITY_REL_L2, f"{recipe_name}: rel L2 {error:.2e} > {PARITY_REL_L2:.0e}"
+
+
+def test_tiny_xl_levels_follow_the_per_level_depths():
+    """transformer_depth [0, 1, 2]: no attention at level 0, 1 and 2 blocks below, the middle takes the last."""
+    keys = UNetModel(load_recipe("tiny-xl").unet).state_dict()
+    blocks = {key.split(".attn1.")[0] for key in keys if key.endswith("attn1.to_q.weight")}
+    depth = {}
+    for block in blocks:
+        transformer = block.split(".transformer_blocks.")[0]
+        depth[transformer] = depth.get(transformer, 0) + 1
+    # input_blocks 1-2 are level 0, 4-5 level 1, 7-8 level 2; output_blocks 0-2 level 2, 3-5 level 1, 6-8 level 0
+    expected = {f"input_blocks.{i}.1": d for i, d in ((4, 1), (5, 1), (7, 2), (8, 2))}
+    expected |= {f"output_blocks.{i}.1": 2 if i < 3 else 1 for i in range(6)} | {"middle_block.1": 2}
+    assert depth == expected
+
+
+def test_y_is_required_exactly_with_adm():
+    xl, sd = UNetModel(load_recipe("tiny-xl").unet), UNetModel(tiny_config())
+    x, timesteps, _ = tiny_inputs()
+    with pytest.raises(ValueError, match="takes y of width 128"):
+        xl(x, timesteps, torch.zeros(2, CONTEXT_LEN, 64))
+    with pytest.raises(ValueError, match="no label_emb"):
+        sd(x, timesteps, torch.zeros(2, CONTEXT_LEN, 32), torch.zeros(2, 128))
