@@ -26,6 +26,7 @@ from sdcompile.memory import return_freed_memory
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.passes import default_passes, optimize_on_disk, run_pass
 from sdcompile.recipes import Recipe, TokenizerPadding
+from sdrun.recipe import Family
 from sdcompile.verify import eager_outputs, verify_graph
 from sdcompile.weights import RandomWeights, load_models
 from sdcompile.weight_map import FILE_NAME as WEIGHT_MAP
@@ -68,6 +69,7 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
     Runtime's verification run, on graphs whose weights stay in external-data files. LoRAs are merged
     into each model as it loads, so the hash and the graphs are of the merged weights.
     """
+    check_exportable(config.recipe)
     names = _with_bases(selected_components(config.components), config.recipe)
     check_attention_opset(config.opset, config.attention_target)
     with stage("reading the LoRAs"):
@@ -217,6 +219,14 @@ def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized
         inputs=spec.inputs, outputs=spec.outputs, profile=input_profile(spec, config.recipe),
         precision=config.precision.value, passes=tuple(passes), report=report)
     return record, (source_dir / "model.onnx", sources)
+
+
+def check_exportable(recipe: Recipe) -> None:
+    """SDXL recipes have reference models and no export yet (components, loaders, runtime): refuse them."""
+    if recipe.family is Family.SDXL:
+        raise UserError(f"recipe {recipe.name} is SDXL, which cannot be exported yet: its reference models exist, "
+                        "its components, checkpoint loading and runtime do not.",
+                        fix="export an SD 1.x or 2.x recipe (`sdcompile recipes` lists them)")
 
 
 def check_attention_opset(opset: int, target: AttentionTarget) -> None:

@@ -112,6 +112,8 @@ def test_unknown_component_and_recipe(tmp_path):
     assert code == 2 and "unknown component 'clip'" in text and "vae_decoder" in text
     code, text = _invoke("export", "--recipe", "sd3", "--random-weights", "--out", tmp_path / "b")
     assert code == 2 and "unknown recipe 'sd3'" in text
+    code, text = _invoke("export", "--recipe", "tiny-xl", "--random-weights", "--out", tmp_path / "xl")
+    assert code == 2 and "SDXL, which cannot be exported yet" in text and not (tmp_path / "xl").exists()
     assert not (tmp_path / "b").exists()
 
 
