@@ -181,6 +181,7 @@ def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized
     """Passes (or the derivation), save and verification of a traced component; returns its record and what
     a derived component starts from: the optimized graph on disk (weights external) and its weight sources."""
     spec, phases, sources = traced.spec, traced.phases, traced.sources
+    phases.resume()
     if spec.derived_from:
         base, sources = optimized[spec.derived_from]
         with inside(base.parent):
@@ -252,6 +253,10 @@ class _PhaseClock:
         self._last = now
         self.log(f"[{self.component}] {phase}: {self.seconds[phase]:.1f} s, {_resident_gib():.1f} GiB resident "
                  f"(peak {_peak_gib():.1f} GiB)")
+
+    def resume(self) -> None:
+        """The next phase starts now: the time since the last one was other components' work."""
+        self._last = time.perf_counter()
 
     def total(self) -> float:
         return round(sum(self.seconds.values()), 2)
