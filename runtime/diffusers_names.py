@@ -18,6 +18,12 @@ LDM_PREFIXES = {
     "vae": "first_stage_model.",
     "text_encoder": "cond_stage_model.",
 }
+# SDXL files (sd_xl_base_1.0.safetensors) hold the two text encoders under the conditioner's embedders:
+# 0 is CLIP ViT-L (transformers names), 1 OpenCLIP ViT-bigG (open_clip names).
+SDXL_LDM_PREFIXES = LDM_PREFIXES | {
+    "text_encoder": "conditioner.embedders.0.",
+    "text_encoder_2": "conditioner.embedders.1.",
+}
 # SD1's text encoder: our keys are transformers' `CLIPTextModel` keys under this prefix.
 CLIP_TEXT_PREFIX = "transformer."
 

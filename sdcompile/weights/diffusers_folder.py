@@ -1,5 +1,5 @@
-"""diffusers pipeline folders: `unet/`, `vae/`, `text_encoder/`, renamed to our layout by
-`diffusers_layout`."""
+"""diffusers pipeline folders: `unet/`, `vae/`, `text_encoder/` (and SDXL's `text_encoder_2/`), renamed to
+our layout by `diffusers_layout`."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sdcompile import diffusers_layout
 from sdcompile.recipes import Recipe
-from sdcompile.weights.layout import CheckpointStates, Component, StateDict
+from sdcompile.weights.layout import CheckpointStates, Component, StateDict, recipe_components
 from sdcompile.weights.load_report import LoadReport, float_dtypes
 from sdcompile.weights.safetensors_extent import check_safetensors_extent
 from sdcompile.weights.single_file import read_state_dict_file
@@ -21,13 +21,14 @@ DIFFUSERS_WEIGHT_FILES = (
 
 
 def read_diffusers_folder(folder: Path, recipe: Recipe) -> tuple[CheckpointStates, LoadReport]:
-    """unet/, vae/, text_encoder/ of a diffusers pipeline folder, renamed to our layout."""
-    subfolders = {component: folder / component.value for component in Component}
+    """One subfolder per model of the recipe (unet/, vae/, text_encoder/, …), renamed to our layout."""
+    subfolders = {component: folder / component.value for component in recipe_components(recipe)}
     absent = [f"{path.name}/" for path in subfolders.values() if not path.is_dir()]
     if absent:
         found = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
         raise UserError(f"{folder} is a directory but not a diffusers pipeline folder.",
-                        expected="subfolders unet/, vae/ and text_encoder/, each with config.json and weights",
+                        expected=f"subfolders {', '.join(f'{c.value}/' for c in subfolders)}, each with "
+                                 "config.json and weights",
                         got=f"missing {', '.join(absent)}; found {', '.join(found[:10]) or 'nothing'}",
                         fix="pass the folder holding model_index.json, or a single .safetensors/.ckpt file")
     files = {component: component_weight_files(path) for component, path in subfolders.items()}
@@ -38,8 +39,9 @@ def read_diffusers_folder(folder: Path, recipe: Recipe) -> tuple[CheckpointState
     components = {
         Component.UNET: diffusers_layout.unet_from_diffusers(raw[Component.UNET], recipe.unet),
         Component.VAE: diffusers_layout.vae_from_diffusers(raw[Component.VAE], recipe.vae),
-        Component.TEXT_ENCODER: diffusers_layout.text_from_hf(raw[Component.TEXT_ENCODER], recipe.text_encoder),
     }
+    for component, config in zip((Component.TEXT_ENCODER, Component.TEXT_ENCODER_2), recipe.text_encoders):
+        components[component] = diffusers_layout.text_from_hf(raw[component], config)
     return CheckpointStates(components), LoadReport(f"diffusers folder {folder}", float_dtypes(raw.values()))
 
 

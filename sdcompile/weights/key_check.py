@@ -53,7 +53,7 @@ def check_keys(modules: Mapping[Component, nn.Module], states: Mapping[Component
                unrecognised: tuple[str, ...], recipe: Recipe, source: str) -> None:
     """Raise a UserError listing missing, unexpected and mis-shaped keys, with a hint at the cause."""
     mismatches = [key_mismatch(c.value, _shapes(m.state_dict()), _shapes(states[c])) for c, m in modules.items()]
-    mismatches.append(KeyMismatch("outside unet/vae/text encoder", (), tuple(sorted(unrecognised)), ()))
+    mismatches.append(KeyMismatch("outside the recipe's models", (), tuple(sorted(unrecognised)), ()))
     mismatches = [m for m in mismatches if m]
     if not mismatches:
         return
@@ -76,7 +76,7 @@ def family_hints(states: Mapping[Component, StateDict], unrecognised: Iterable[s
         _context_width_hint(unet, recipe),
         _projection_hint(unet, recipe),
         _in_channels_hint(unet, recipe),
-        _foreign_layout_hint(unrecognised),
+        _foreign_layout_hint(unrecognised, recipe),
     ]
     return [hint for hint in hints if hint]
 
@@ -117,10 +117,13 @@ def _in_channels_hint(unet: StateDict, recipe: Recipe) -> str | None:
     return f"the UNet takes {conv_in.shape[1]} input channels{kind}; the recipe has {recipe.unet.in_channels}"
 
 
-def _foreign_layout_hint(unrecognised: Iterable[str]) -> str | None:
+def _foreign_layout_hint(unrecognised: Iterable[str], recipe: Recipe) -> str | None:
     keys = list(unrecognised)
-    if any(k.startswith("conditioner.") for k in keys):
-        return "keys under `conditioner.` belong to SDXL, which no recipe describes yet"
+    if recipe.family is not Family.SDXL and any(k.startswith("conditioner.") for k in keys):
+        return f"keys under `conditioner.` belong to SDXL: try {_recipes_of(Family.SDXL)}"
+    if recipe.family is Family.SDXL and any(k.startswith("cond_stage_model.") for k in keys):
+        return (f"keys under `cond_stage_model.` belong to SD 1.x / 2.x, not SDXL: try {_recipes_of(Family.SD1)} "
+                f"or {_recipes_of(Family.SD2)}")
     if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.", "encoder.layers.")) for k in keys):
         return ("this file holds one component in diffusers layout: pass the pipeline folder (with unet/, vae/, "
                 "text_encoder/) instead")

@@ -1,4 +1,4 @@
-"""The ldm single-file layout: three components, each under its key prefix."""
+"""The ldm single-file layout: one key prefix per model, which depends on the model family."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +6,9 @@ import enum
 
 import torch
 
+from sdcompile.recipes import Family, Recipe
 from sdrun.diffusers_names import LDM_PREFIXES as LDM_KEY_PREFIXES
+from sdrun.diffusers_names import SDXL_LDM_PREFIXES as SDXL_KEY_PREFIXES
 
 StateDict = dict[str, torch.Tensor]
 
@@ -15,9 +17,23 @@ class Component(enum.Enum):
     UNET = "unet"
     VAE = "vae"
     TEXT_ENCODER = "text_encoder"
+    TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's OpenCLIP ViT-bigG
 
 
-LDM_PREFIXES = {component: LDM_KEY_PREFIXES[component.value] for component in Component}
+# SD1 and SD2: three models, the text encoder under `cond_stage_model.`.
+LDM_PREFIXES = {Component(name): prefix for name, prefix in LDM_KEY_PREFIXES.items()}
+SDXL_LDM_PREFIXES = {Component(name): prefix for name, prefix in SDXL_KEY_PREFIXES.items()}
+
+
+def ldm_prefixes(recipe: Recipe) -> dict[Component, str]:
+    """Key prefix of each of the recipe's models in its family's ldm single file."""
+    return dict(SDXL_LDM_PREFIXES if recipe.family is Family.SDXL else LDM_PREFIXES)
+
+
+def recipe_components(recipe: Recipe) -> tuple[Component, ...]:
+    """The models a recipe has: UNet, VAE, one text encoder per `recipe.text_encoders`."""
+    texts = (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2)[:len(recipe.text_encoders)]
+    return (Component.UNET, Component.VAE, *texts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""Strict loading of our three models from a checkpoint, a diffusers folder or seeded random weights.
+"""Strict loading of the recipe's models (UNet, VAE, one or two text encoders) from a checkpoint, a diffusers folder or seeded random weights.
 
 Every key our models hold must come from the source with the same shape, and every key of the
 source must be used, except known extras (EMA copy, DDPM schedule buffers, non-tensor entries),
 which are skipped and listed in the load report. Two kinds of keys may be absent and are filled:
 the SD1 text encoder's constant `position_ids` buffer, and the OpenCLIP keys that never affect
-SD2's output (the last block, `text_projection`, `logit_scale`; a diffusers SD2 folder has none).
+SD2's output (the last block, `text_projection`, `logit_scale`; a diffusers SD2 folder has none), and
+SDXL's `logit_scale`, which a diffusers folder does not store either.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from sdcompile.models.attention import AttentionImpl
 from sdcompile.models.autoencoder import AutoencoderKL
 from sdcompile.models.text_encoder import build_text_encoder
 from sdcompile.models.unet import UNetModel
-from sdcompile.recipes import Recipe, TextEncoderKind
+from sdcompile.recipes import Recipe, TextEncoderConfig, TextEncoderKind
 from sdcompile.weights.diffusers_folder import read_diffusers_folder
 from sdcompile.weights.key_check import check_keys
-from sdcompile.weights.layout import LDM_PREFIXES, CheckpointStates, Component, StateDict
+from sdcompile.weights.layout import (LDM_PREFIXES, CheckpointStates, Component, StateDict, ldm_prefixes,
+                                      recipe_components)
 from sdcompile.weights.load_report import KeyGroup, LoadReport
 from sdcompile.weights.random_init import RandomWeights, randomize_parameters_
 from sdcompile.weights.single_file import read_ldm_file
@@ -43,6 +45,9 @@ class StableDiffusionModels:
     vae: AutoencoderKL | None
     text_encoder: nn.Module | None
     report: LoadReport
+    text_encoder_2: nn.Module | None = None  # SDXL's second encoder; None for a recipe without one
+    # Key prefix of each model in the recipe family's ldm single file (`ldm_prefixes`).
+    prefixes: Mapping[Component, str] = dataclasses.field(default_factory=lambda: dict(LDM_PREFIXES))
 
     def component(self, component: Component) -> nn.Module:
         return getattr(self, component.value)
@@ -53,14 +58,15 @@ def load_models(recipe: Recipe, source: CheckpointSource | None = None, dtype: t
                 parts: Sequence[Component] | None = None) -> StableDiffusionModels:
     """The recipe's models in eval mode with weights from `source` (None: `RandomWeights()`).
 
-    `parts` (None: all three) builds and fills only those models, so an export can hold one model's
+    `parts` (None: all of the recipe's) builds and fills only those models, so an export can hold one model's
     weights at a time; random weights are the same whichever parts are asked for.
     """
     source = RandomWeights() if source is None else source
     modules = build_models(recipe, attention, parts)
+    prefixes = ldm_prefixes(recipe)
     if isinstance(source, RandomWeights):
         for component, module in modules.items():
-            randomize_parameters_(module, source.seed, LDM_PREFIXES[component])
+            randomize_parameters_(module, source.seed, prefixes[component])
         report = LoadReport(f"random weights (seed {source.seed})")
     else:
         states, report = read_checkpoint(Path(source), recipe)
@@ -69,24 +75,34 @@ def load_models(recipe: Recipe, source: CheckpointSource | None = None, dtype: t
     for module in modules.values():
         module.to(dtype).eval().requires_grad_(False)
     return StableDiffusionModels(modules.get(Component.UNET), modules.get(Component.VAE),
-                                 modules.get(Component.TEXT_ENCODER), report)
+                                 modules.get(Component.TEXT_ENCODER), report, modules.get(Component.TEXT_ENCODER_2),
+                                 prefixes)
 
 
 def build_models(recipe: Recipe, attention: AttentionImpl = AttentionImpl.SDPA,
                  parts: Sequence[Component] | None = None) -> dict[Component, nn.Module]:
+    """The recipe's models (`recipe_components`), or those of them in `parts`, with uninitialised weights."""
     builders = {
         Component.UNET: lambda: UNetModel(recipe.unet, attention),
         Component.VAE: lambda: AutoencoderKL(recipe.vae, attention),
         Component.TEXT_ENCODER: lambda: build_text_encoder(recipe.text_encoder, attention),
+        Component.TEXT_ENCODER_2: lambda: build_text_encoder(recipe.text_encoder_2, attention),
     }
-    return {part: build() for part, build in builders.items() if parts is None or part in parts}
+    return {part: builders[part]() for part in recipe_components(recipe) if parts is None or part in parts}
+
+
+def text_encoder_config(recipe: Recipe, component: Component) -> TextEncoderConfig | None:
+    """The config of a text-encoder component; None for the UNet and VAE."""
+    configs = dict(zip((Component.TEXT_ENCODER, Component.TEXT_ENCODER_2), recipe.text_encoders))
+    return configs.get(component)
 
 
 def read_checkpoint(path: Path, recipe: Recipe) -> tuple[CheckpointStates, LoadReport]:
     """Per-component tensors (our key layout) from an ldm file or a diffusers folder, and what was skipped."""
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist.",
-                        expected="a .safetensors or .ckpt file, or a diffusers folder with unet/, vae/, text_encoder/",
+                        expected="a .safetensors or .ckpt file, or a diffusers folder with unet/, vae/, "
+                        "text_encoder/ (and text_encoder_2/ for SDXL)",
                         got=str(path), fix="check the path")
     if path.is_dir():
         return read_diffusers_folder(path, recipe)
@@ -122,9 +138,10 @@ def with_filled_keys(component: Component, state: StateDict, expected: Mapping[s
             key for key in constants if key in state and not _same_values(state[key], constants[key])],
     }
     out = dict(state) | constants
-    if component is Component.TEXT_ENCODER and recipe.text_encoder.kind is TextEncoderKind.OPENCLIP:
+    text = text_encoder_config(recipe, component)
+    if text is not None and text.kind is TextEncoderKind.OPENCLIP:
         shapes = {key: value.shape for key, value in expected.items()}
-        unused = diffusers_layout.unused_openclip_fill(shapes, state, recipe.text_encoder)
+        unused = diffusers_layout.unused_openclip_fill(shapes, state, text)
         out |= unused
         fills["unused OpenCLIP keys absent from the source"] = list(unused)
     return out, fills

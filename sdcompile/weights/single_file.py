@@ -12,7 +12,7 @@ import torch
 
 from sdcompile import diffusers_layout
 from sdcompile.recipes import Recipe, TextEncoderKind
-from sdcompile.weights.layout import LDM_PREFIXES, CheckpointStates, Component, StateDict
+from sdcompile.weights.layout import LDM_PREFIXES, CheckpointStates, Component, StateDict, ldm_prefixes
 from sdcompile.weights.load_report import KeyGroup, LoadReport, float_dtypes
 from sdcompile.weights.safetensors_extent import REDOWNLOAD_FIX, check_safetensors_extent
 from sdcompile.weights.unpickler import read_pickled
@@ -31,10 +31,12 @@ DDPM_BUFFERS = frozenset({
 
 def read_ldm_file(path: Path, recipe: Recipe) -> tuple[CheckpointStates, LoadReport]:
     """Per-component tensors (our key layout) of an ldm single file, and what was skipped."""
-    split = split_ldm_state_dict(read_raw_state_dict(path))
+    split = split_ldm_state_dict(read_raw_state_dict(path), ldm_prefixes(recipe))
     components = dict(split.components)
-    if recipe.text_encoder.kind is TextEncoderKind.CLIP:
-        components[Component.TEXT_ENCODER] = clip_text_normalized(components.get(Component.TEXT_ENCODER, {}))
+    clip = [c for c, text in zip((Component.TEXT_ENCODER, Component.TEXT_ENCODER_2), recipe.text_encoders)
+            if text.kind is TextEncoderKind.CLIP]
+    for component in clip:
+        components[component] = clip_text_normalized(components.get(component, {}))
     report = LoadReport(f"ldm checkpoint {path}", float_dtypes(components.values()), split.skipped)
     return CheckpointStates(components, split.unrecognised), report
 
@@ -85,16 +87,20 @@ class LdmSplit:
     unrecognised: tuple[str, ...]
 
 
-def split_ldm_state_dict(state: Mapping[str, object]) -> LdmSplit:
-    """ldm single-file state_dict -> per-component dicts (prefix removed), skipped and unrecognised keys."""
-    components: dict[Component, StateDict] = {component: {} for component in Component}
+def split_ldm_state_dict(state: Mapping[str, object],
+                         prefixes: Mapping[Component, str] = LDM_PREFIXES) -> LdmSplit:
+    """ldm single-file state_dict -> per-component dicts (prefix removed), skipped and unrecognised keys.
+
+    `prefixes`: each component's key prefix (`ldm_prefixes(recipe)`; the default is SD1's and SD2's).
+    """
+    components: dict[Component, StateDict] = {component: {} for component in prefixes}
     ema, ddpm, non_tensors, unrecognised = [], [], [], []
     for key, value in state.items():
-        component = next((c for c, prefix in LDM_PREFIXES.items() if key.startswith(prefix)), None)
+        component = next((c for c, prefix in prefixes.items() if key.startswith(prefix)), None)
         if not isinstance(value, torch.Tensor):
             non_tensors.append(key)
         elif component is not None:
-            components[component][key[len(LDM_PREFIXES[component]):]] = value
+            components[component][key[len(prefixes[component]):]] = value
         elif key.startswith(EMA_PREFIX):
             ema.append(key)
         elif key in DDPM_BUFFERS:

@@ -7,7 +7,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from sdcompile.weights.layout import LDM_PREFIXES, Component, StateDict
+from sdcompile.weights.layout import StateDict
 from sdcompile.weights.loading import StableDiffusionModels
 from sdcompile.weights.single_file import PICKLE_SUFFIXES
 from sdrun.atomic import write_atomic
@@ -15,10 +15,10 @@ from sdrun.errors import UserError
 
 
 def ldm_state_dict(models: StableDiffusionModels) -> StateDict:
-    """All weights under their ldm single-file keys (`model.diffusion_model.…`, …)."""
+    """All weights under their family's ldm single-file keys (`model.diffusion_model.…`, …)."""
     return {
-        LDM_PREFIXES[component] + key: value.detach().contiguous()
-        for component in Component
+        prefix + key: value.detach().contiguous()
+        for component, prefix in models.prefixes.items()
         for key, value in models.component(component).state_dict().items()
     }
 

@@ -1,0 +1,129 @@
+"""SDXL checkpoints: the tiny-xl twin as a released single file, its seeded random weights, key checks,
+and the full-size key layout against diffusers' single-file converters."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from weight_checks import COUNTS, assert_same_weights
+
+from sdcompile.recipes import load_recipe
+from sdcompile.weights import (SDXL_LDM_PREFIXES, Component, RandomWeights, build_models, ldm_state_dict,
+                               load_models, random_tensor)
+from sdrun.errors import UserError
+from tests.fixtures.released_layout import released_state_dict, write_safetensors
+
+SEED = 5
+BIGG_PREFIX = SDXL_LDM_PREFIXES[Component.TEXT_ENCODER_2] + "model."
+LOGIT_SCALE = BIGG_PREFIX + "logit_scale"
+
+
+@pytest.fixture(scope="module")
+def tiny_xl():
+    return load_recipe("tiny-xl")
+
+
+@pytest.fixture(scope="module")
+def released(tiny_xl) -> dict[str, torch.Tensor]:
+    """Every tensor of a tiny-xl file in sd_xl_base_1.0's layout, text towers from transformers and open_clip."""
+    return released_state_dict(tiny_xl, SEED)
+
+
+@pytest.fixture(scope="module")
+def released_file(released, tmp_path_factory):
+    return write_safetensors(released, tmp_path_factory.mktemp("sdxl") / "tiny-xl.safetensors")
+
+
+def test_released_sdxl_file_loads_bit_identically(tiny_xl, released, released_file):
+    loaded = load_models(tiny_xl, released_file)
+    assert released[LOGIT_SCALE].ndim == 0 and BIGG_PREFIX + "text_projection" in released
+    assert_same_weights(released, ldm_state_dict(loaded))
+    assert not loaded.report.filled and not loaded.report.skipped
+    assert loaded.text_encoder_2 is not None
+
+
+def test_random_weights_are_seeded_by_the_sdxl_key(tiny_xl):
+    models = load_models(tiny_xl, RandomWeights(3))
+    alone = load_models(tiny_xl, RandomWeights(3), parts=(Component.TEXT_ENCODER_2,))
+    assert alone.unet is None and alone.text_encoder is None
+    key = "model.token_embedding.weight"
+    ours = models.text_encoder_2.state_dict()[key]
+    assert torch.equal(ours, alone.text_encoder_2.state_dict()[key])
+    assert torch.equal(ours, random_tensor(SDXL_LDM_PREFIXES[Component.TEXT_ENCODER_2] + key, ours.shape, 3, True))
+    other = load_models(tiny_xl, RandomWeights(4), parts=(Component.TEXT_ENCODER_2,))
+    assert not torch.equal(ours, other.text_encoder_2.state_dict()[key])
+
+
+def test_sdxl_file_with_a_missing_and_an_extra_tensor_is_refused(tiny_xl, released, tmp_path):
+    state = dict(released)
+    del state[BIGG_PREFIX + "ln_final.bias"]
+    state["conditioner.embedders.2.weight"] = torch.ones(2)
+    path = tmp_path / "damaged.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(UserError) as info:
+        load_models(tiny_xl, path)
+    assert tuple(map(int, COUNTS.search(info.value.problem).groups())) == (1, 1, 0)
+    assert "text_encoder_2: 1 missing, e.g. model.ln_final.bias" in info.value.got
+    assert "conditioner.embedders.2.weight" in info.value.got
+
+
+def test_sd1_file_into_sdxl_recipe_points_at_sd_recipes(tiny_xl, tmp_path, tiny_state):
+    path = tmp_path / "sd1.safetensors"
+    save_file(tiny_state, str(path))
+    with pytest.raises(UserError) as info:
+        load_models(tiny_xl, path)
+    assert "text_encoder_2:" in info.value.got and "belong to SD 1.x / 2.x" in info.value.fix
+
+
+def test_sdxl_file_into_sd1_recipe_points_at_sdxl_recipes(tiny_recipe, released_file):
+    with pytest.raises(UserError) as info:
+        load_models(tiny_recipe, released_file)
+    assert "belong to SDXL" in info.value.fix and "tiny-xl" in info.value.fix
+
+
+def test_sdxl_key_set_is_what_diffusers_single_file_conversion_reads():
+    """Full size on the meta device: our SDXL keys are detected as `xl_base` by diffusers, and its four
+    converters (what `from_single_file` runs) read every one of them, except CLIP's unused temperature."""
+    from diffusers.loaders import single_file_utils as sf
+
+    from benchmarks.peer import vae_config
+    from tests.test_diffusers_parity import SDXL_BASE_DIFFUSERS_CONFIG
+
+    recipe = load_recipe("sdxl")
+    with torch.device("meta"):
+        models = build_models(recipe)
+        checkpoint = ReadRecorder({SDXL_LDM_PREFIXES[c] + k: v for c, m in models.items()
+                                   for k, v in m.state_dict().items()})
+        assert sf.infer_diffusers_model_type(checkpoint) == "xl_base"
+        checkpoint.read.clear()
+        sf.convert_ldm_unet_checkpoint(checkpoint, dict(SDXL_BASE_DIFFUSERS_CONFIG))
+        sf.convert_ldm_vae_checkpoint(checkpoint, vae_config(recipe))
+        sf.convert_ldm_clip_checkpoint(checkpoint)
+        sf.convert_open_clip_checkpoint(types.SimpleNamespace(config=None), checkpoint, prefix=BIGG_PREFIX)
+    assert not checkpoint.absent, sorted(checkpoint.absent)[:5]
+    assert set(checkpoint) - checkpoint.read == {LOGIT_SCALE}
+
+
+class ReadRecorder(dict):
+    """A state dict that records which keys are read, and which reads found nothing."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read, self.absent = set(), set()
+
+    def _note(self, key):
+        (self.read if key in self else self.absent).add(key)
+
+    def __getitem__(self, key):
+        self._note(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._note(key)
+        return super().get(key, default)
+
+    def pop(self, key, *default):
+        self._note(key)
+        return super().pop(key, *default)
