@@ -71,7 +71,8 @@ def _as_attention_conv(key: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def text_from_hf(state: Mapping[str, torch.Tensor], config: TextEncoderConfig) -> StateDict:
-    """transformers `CLIPTextModel` state_dict -> the layout of the recipe's text encoder."""
+    """transformers `CLIPTextModel` (or `CLIPTextModelWithProjection`) state_dict -> the layout of the
+    recipe's text encoder."""
     if config.kind is TextEncoderKind.CLIP:
         return clip_text_from_hf(state)
     return openclip_text_from_hf(state)
@@ -88,14 +89,19 @@ def clip_text_from_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def openclip_text_from_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """transformers `CLIPTextModel` state_dict (either layout) -> open_clip keys `model.…` (SD2).
+    """transformers `CLIPTextModel` / `CLIPTextModelWithProjection` state_dict (either layout) -> open_clip
+    keys `model.…` (SD2, SDXL's second encoder).
 
     `embeddings.position_ids` (a constant arange buffer) has no open_clip counterpart and is dropped.
+    transformers' projection is a bias-free Linear, y = x Wᵀ; open_clip's is a matrix, y = x P: P = Wᵀ.
     """
     flat = hf_text_keys_flattened(state)
     flat.pop("embeddings.position_ids", None)
+    projection = flat.pop("text_projection.weight", None)
     qkv = {key: value for key, value in flat.items() if _HF_QKV.fullmatch(key)}
     out = {_openclip_key(key): value for key, value in flat.items() if key not in qkv}
+    if projection is not None:
+        out["model.text_projection"] = projection.T.contiguous()
     return out | _stacked_in_projections(qkv)
 
 

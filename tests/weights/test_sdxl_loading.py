@@ -1,5 +1,5 @@
-"""SDXL checkpoints: the tiny-xl twin as a released single file, its seeded random weights, key checks,
-and the full-size key layout against diffusers' single-file converters."""
+"""SDXL checkpoints: the tiny-xl twin as a released single file and as a diffusers folder, its seeded
+random weights, key checks, and the full-size key layout against diffusers' single-file converters."""
 from __future__ import annotations
 
 import types
@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from weight_checks import COUNTS, assert_same_weights
 
+from sdcompile.diffusers_layout import OPENCLIP_LOGIT_SCALE
 from sdcompile.recipes import load_recipe
 from sdcompile.weights import (SDXL_LDM_PREFIXES, Component, RandomWeights, build_models, ldm_state_dict,
                                load_models, random_tensor)
@@ -42,6 +43,18 @@ def test_released_sdxl_file_loads_bit_identically(tiny_xl, released, released_fi
     assert_same_weights(released, ldm_state_dict(loaded))
     assert not loaded.report.filled and not loaded.report.skipped
     assert loaded.text_encoder_2 is not None
+
+
+def test_diffusers_folder_of_the_same_weights_loads_identically(tiny_xl, released, released_file, tmp_path):
+    write_diffusers_folder(released, tiny_xl, tmp_path)
+    loaded = load_models(tiny_xl, tmp_path)
+    from_folder, from_file = ldm_state_dict(loaded), ldm_state_dict(load_models(tiny_xl, released_file))
+    # a diffusers folder stores no `logit_scale` (SDXL never reads it); it is filled with CLIP's initial one
+    assert from_folder.pop(LOGIT_SCALE).item() == pytest.approx(OPENCLIP_LOGIT_SCALE)
+    filled = {key for group in loaded.report.filled for key in group.examples}  # transformers 5 saves no position_ids
+    assert "model.logit_scale" in filled <= {"model.logit_scale", "transformer.text_model.embeddings.position_ids"}
+    from_file.pop(LOGIT_SCALE)
+    assert_same_weights(from_file, from_folder)
 
 
 def test_random_weights_are_seeded_by_the_sdxl_key(tiny_xl):
@@ -127,3 +140,46 @@ class ReadRecorder(dict):
     def pop(self, key, *default):
         self._note(key)
         return super().pop(key, *default)
+
+
+# --- a diffusers folder written by diffusers and transformers from the released file ------------------------
+
+
+def write_diffusers_folder(released: dict[str, torch.Tensor], recipe, folder) -> None:
+    """unet/, vae/, text_encoder/, text_encoder_2/ as `save_pretrained` writes them, the weights renamed by
+    diffusers' own single-file converters (strict loads, so every key is accounted for)."""
+    import transformers
+    from diffusers.loaders import single_file_utils as sf
+
+    from benchmarks.peer import vae_config
+    from tests.test_diffusers_parity import diffusers_unet, diffusers_vae
+
+    unet, vae = diffusers_unet(recipe), diffusers_vae(recipe)
+    unet.load_state_dict(sf.convert_ldm_unet_checkpoint(released, dict(unet.config)), strict=True)
+    vae.load_state_dict(sf.convert_ldm_vae_checkpoint(released, vae_config(recipe)), strict=True)
+    clip = transformers.CLIPTextModel(hf_text_config(recipe.text_encoder))
+    load_hf_text(clip, sf.convert_ldm_clip_checkpoint(released))
+    bigg = transformers.CLIPTextModelWithProjection(hf_text_config(recipe.text_encoder_2))
+    load_hf_text(bigg, sf.convert_open_clip_checkpoint(bigg, released, prefix=BIGG_PREFIX))
+    for name, model in {"unet": unet, "vae": vae, "text_encoder": clip, "text_encoder_2": bigg}.items():
+        model.save_pretrained(folder / name)
+
+
+def hf_text_config(cfg):
+    import transformers
+
+    return transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=4 * cfg.width,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.context_length,
+        hidden_act=cfg.activation.value, layer_norm_eps=1e-5, projection_dim=cfg.width)
+
+
+def load_hf_text(model, converted: dict[str, torch.Tensor]) -> None:
+    """Strict load into whichever key layout the installed transformers uses (`text_model.…` or flattened);
+    only the constant `position_ids` buffer may be on one side alone."""
+    wrapper = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
+    state = {(k if k.startswith("text_projection") else wrapper + k.removeprefix("text_model.")): v
+             for k, v in converted.items()}
+    expected, position_ids = set(model.state_dict()), {wrapper + "embeddings.position_ids"}
+    assert set(state) - expected <= position_ids and expected - set(state) <= position_ids
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=expected <= set(state))
