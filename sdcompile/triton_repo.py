@@ -24,11 +24,10 @@ from sdrun.bundle import MANIFEST_NAME, Bundle, ComponentRecord, TensorSpec, ope
 from sdrun.errors import UserError
 from sdrun.pipeline import needed_components
 from sdrun.serve import contract
+from sdrun.serve.contract import config_data_type
 
 PIPELINE = "pipeline"
 VERSION = "1"
-DATA_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
-              "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 MODEL_PY = '''"""Triton Python-backend entry point: the {kind} model of sdrun, from the `sdrun` package beside this file."""
 import pathlib
 import sys
@@ -88,18 +87,17 @@ def component_config(name: str, record: ComponentRecord, kind: ComponentKind, in
               ComponentKind.TENSORRT: ['platform: "tensorrt_plan"'],
               ComponentKind.PYTHON: ['backend: "python"']}[kind]
     device = "KIND_CPU" if kind is ComponentKind.PYTHON else "KIND_GPU"
-    inputs = [(spec.name, DATA_TYPES[spec.dtype], _dims(spec, engine_profile)) for spec in record.inputs]
-    outputs = [(spec.name, DATA_TYPES[spec.dtype], _dims(spec, None)) for spec in record.outputs]
+    inputs = [(spec.name, config_data_type(spec.dtype), _dims(spec, engine_profile)) for spec in record.inputs]
+    outputs = [(spec.name, config_data_type(spec.dtype), _dims(spec, None)) for spec in record.outputs]
     return _config(name, header, inputs, outputs, instances, device)
 
 
 def pipeline_config(components: Sequence[str], backend: str, instances: int) -> str:
     """config.pbtxt of the `pipeline` model: the serve contract's txt2img tensors; the `components` it calls
     and the `backend` they run on (for the PNG parameters)."""
-    inputs = [(spec.name, f"TYPE_{spec.triton_dtype.replace('BYTES', 'STRING')}", list(spec.shape), spec.optional)
+    inputs = [(spec.name, config_data_type(spec.dtype), list(spec.shape), spec.optional)
               for spec in contract.REQUEST_INPUTS]
-    outputs = [(spec.name, f"TYPE_{spec.triton_dtype.replace('BYTES', 'STRING')}", list(spec.shape))
-               for spec in contract.OUTPUTS]
+    outputs = [(spec.name, config_data_type(spec.dtype), list(spec.shape)) for spec in contract.OUTPUTS]
     parameters = [line for key, value in (("components", ",".join(components)), ("backend", backend))
                   for line in ("parameters: {", f'  key: "{key}"', f'  value: {{ string_value: "{value}" }}', "}")]
     return _config(PIPELINE, ['backend: "python"'], inputs, outputs, instances, "KIND_CPU", parameters)

@@ -30,6 +30,12 @@ class TensorSpec:
 TRITON_DTYPES = {np.object_: "BYTES", np.uint8: "UINT8", np.int32: "INT32", np.int64: "INT64",
                  np.float16: "FP16", np.float32: "FP32", np.bool_: "BOOL"}
 
+def config_data_type(dtype) -> str:
+    """The `data_type` of a tensor of numpy `dtype` in a Triton config.pbtxt (BYTES is TYPE_STRING there)."""
+    name = TRITON_DTYPES[np.dtype(dtype).type]
+    return "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}"
+
+
 SCALAR = (1,)
 REQUEST_INPUTS = (
     TensorSpec("prompt", np.object_, SCALAR),
