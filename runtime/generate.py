@@ -13,7 +13,7 @@ from sdrun.backends import BackendOptions
 from sdrun.backends.base import StageTimer
 from sdrun.bundle import Bundle
 from sdrun.errors import UserError, stage
-from sdrun.images import output_paths, parameters_text, read_image, write_png
+from sdrun.images import image_pixels, output_paths, parameters_text, read_image, write_png
 from sdrun.lora import parse_lora_option, prompt_lora_tags
 from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
 from sdrun.recipe import Recipe
@@ -102,8 +102,8 @@ def run_remote(job: GenerateJob) -> Path:
               "guidance": job.guidance, "seed": job.seed, "height": job.height, "width": job.width,
               "sampler": job.sampler}
     if job.image is not None:
-        image = read_image(job.image, job.width, job.height, multiple=8)[0]
-        values |= {"image": np.round((image.transpose(1, 2, 0) + 1.0) * 127.5), "strength": job.strength,
+        image = read_image(job.image, job.width, job.height, multiple=8)
+        values |= {"image": image_pixels(image), "strength": job.strength,
                    "height": None, "width": None}
     model = TXT2IMG if job.image is None else IMG2IMG
     image, parameters = remote_generate(job.server, model, request_tensors(model, values), job.timeout)

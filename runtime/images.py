@@ -57,5 +57,17 @@ def read_image(path: Path, width: int | None, height: int | None, multiple: int)
                         got=f"{image.width}x{image.height}", fix="use a larger image")
     if (w, h) != image.size:
         image = image.resize((w, h), resample=Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return array.transpose(2, 0, 1)[None]
+    return model_image(np.asarray(image))
+
+
+HALF_LEVELS = 127.5  # uint8 [0, 255] <-> [-1, 1]
+
+
+def model_image(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1], the pipeline's img2img input."""
+    return (pixels.astype(np.float32) / HALF_LEVELS - 1.0).transpose(2, 0, 1)[None]
+
+
+def image_pixels(image: np.ndarray) -> np.ndarray:
+    """The inverse of `model_image` for one (1, 3, H, W) image: (H, W, 3) uint8."""
+    return np.round((image[0].transpose(1, 2, 0) + 1.0) * HALF_LEVELS).astype(np.uint8)

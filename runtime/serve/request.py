@@ -7,11 +7,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from sdrun.errors import UserError
+from sdrun.images import model_image
 from sdrun.pipeline import GenerationRequest, complete_request
 from sdrun.recipe import Recipe
 from sdrun.serve.contract import IMG2IMG, MAX_PROMPT_BYTES, SCALAR, TensorSpec, model_inputs
 
-DECODED_RANGE = 127.5  # uint8 [0, 255] -> [-1, 1]
 
 
 def decode_request(tensors: Mapping[str, np.ndarray], model: str, recipe: Recipe) -> GenerationRequest:
@@ -31,7 +31,7 @@ def decode_request(tensors: Mapping[str, np.ndarray], model: str, recipe: Recipe
         prompt=values["prompt"], negative_prompt=values.get("negative_prompt", ""), steps=values.get("steps"),
         guidance=values.get("guidance"), seed=values.get("seed", 0), height=values.get("height"),
         width=values.get("width"), sampler=values.get("sampler"),
-        image=None if image is None else _image_input(image),
+        image=None if image is None else model_image(image),
         strength=values.get("strength", 0.75))
     if model == IMG2IMG:
         request = _with_image_size(request)
@@ -64,11 +64,6 @@ def _text(name: str, value) -> str:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"input {name} is not UTF-8 text.", fix=f"encode {name} as UTF-8") from None
-
-
-def _image_input(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1], as `sdrun img2img` reads a file."""
-    return (image.astype(np.float32) / DECODED_RANGE - 1.0).transpose(2, 0, 1)[None]
 
 
 def _with_image_size(request: GenerationRequest) -> GenerationRequest:
