@@ -110,3 +110,12 @@ def test_the_png_records_the_size_conditioning(xl, tmp_path):
         "--backend", "onnxruntime", "--out", str(out), "--original-size", "1024", "768")
     parameters = Image.open(out).info["parameters"]
     assert "Original size: 1024x768, Crop: 0x0, Target size: 64x64" in parameters
+
+
+def test_the_eager_backend_gives_the_onnxruntime_image(xl, pipeline):
+    """The torch backend runs the reference models behind every component, both encoders' outputs included."""
+    from sdrun.session import load_pipeline
+
+    eager = load_pipeline(xl.bundle, "torch", step_fusion=False).pipeline
+    images = [p.generate(request()).decoded for p in (eager, pipeline)]
+    assert compare(*images).max_abs <= 1e-3
