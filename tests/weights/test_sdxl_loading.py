@@ -168,10 +168,9 @@ def write_diffusers_folder(released: dict[str, torch.Tensor], recipe, folder) ->
 def hf_text_config(cfg):
     import transformers
 
-    return transformers.CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=4 * cfg.width,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.context_length,
-        hidden_act=cfg.activation.value, layer_norm_eps=1e-5, projection_dim=cfg.width)
+    from benchmarks.peer import text_config
+
+    return text_config(cfg, transformers)
 
 
 def load_hf_text(model, converted: dict[str, torch.Tensor]) -> None:
