@@ -24,7 +24,7 @@ TWINS = {Family.SD1: "tiny", Family.SD2: "tiny-v", Family.SDXL: "tiny-xl"}
 # instead (tests/weights/test_sdxl_loading.py).
 REFERENCE_SECTIONS = {Family.SD1: ("sd1_unet", "vae", "sd1_text"), Family.SD2: ("sd2_unet", "vae", "sd2_text")}
 PROMPT, NEGATIVE_PROMPT = "a lighthouse on a cliff at dawn", "blurry"
-STEPS, GUIDANCE, SIZE = 10, 7.5, 64
+STEPS, GUIDANCE, SIZE = 10, 7.5, 64  # with DDIM, the peer's scheduler
 PEER_MAX_ABS = 1e-3  # decoded float images in [-1, 1], fp32 against fp32 in another op order
 
 
@@ -63,7 +63,7 @@ def test_exported_twin_matches_diffusers_on_the_same_file(twin):
     noise = np.random.default_rng(7).standard_normal((1, 4, SIZE // 8, SIZE // 8), dtype=np.float32)
     pipeline = load_pipeline(twin.bundle, "onnxruntime").pipeline
     result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE_PROMPT, steps=STEPS, guidance=GUIDANCE,
-                                                 height=SIZE, width=SIZE, init_noise=noise))
+                                                 height=SIZE, width=SIZE, init_noise=noise, sampler="ddim"))
     ours = np.clip(result.decoded, -1.0, 1.0)
     peer = diffusers_pipeline(load_file(str(twin.file)), load_recipe(twin.recipe_name))
     theirs = run_peer(peer, PROMPT, NEGATIVE_PROMPT, STEPS, GUIDANCE, noise, SIZE, SIZE)
