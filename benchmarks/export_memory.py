@@ -85,7 +85,8 @@ def export_memory_benchmark(config: ExportBenchConfig, log: Callable[[str], None
     recipe = load_recipe(config.recipe)
     bases = base_components(recipe)
     targets = export_targets(config.components, bases)
-    weights = fp32_weight_bytes(recipe, bases, config.seed, log)
+    counted = bases if ALL in targets else targets  # only what a row needs: counting may build the models
+    weights = fp32_weight_bytes(recipe, counted, config.seed, log)
     rows = [measured_row(config, precision, name, weights[name], log)
             for precision in config.precisions for name in targets]
     return ExportMemoryResult(config, tuple(rows))

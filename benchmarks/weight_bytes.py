@@ -55,7 +55,7 @@ def used_parameters(name: str, models, recipe) -> dict[int, int]:
 
 def _meta_models(recipe):
     """The recipe's models with meta tensors (no storage), or None where construction fails."""
-    from sdcompile.weights.layout import Component
+    from sdcompile.weights.layout import ldm_prefixes
     from sdcompile.weights.loading import StableDiffusionModels, build_models
 
     try:
@@ -63,8 +63,9 @@ def _meta_models(recipe):
             modules = build_models(recipe)
     except Exception:  # noqa: BLE001 - every component falls back to loaded weights
         return None
-    return StableDiffusionModels(modules[Component.UNET], modules[Component.VAE], modules[Component.TEXT_ENCODER],
-                                 report=None)
+    return StableDiffusionModels(**{"unet": None, "vae": None, "text_encoder": None,
+                                    **{part.value: module for part, module in modules.items()}},
+                                 report=None, prefixes=ldm_prefixes(recipe))
 
 
 def _loaded_models(recipe, seed: int):
