@@ -129,3 +129,23 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(server):
     for client in clients:
         client.join(TIMEOUT_S)
     assert len(answers) == 3 and all(image.shape == (64, 64, 3) for image, _ in answers)
+
+
+def test_an_sdxl_bundle_is_served_through_the_same_contract(released_twin, tmp_path):
+    """tiny-xl: two encoders, pooled text and size conditioning behind the unchanged request contract; four
+    requests from two clients (batched together) each equal a local run."""
+    from sdrun.generate import result_parameters
+    from sdrun.pipeline import GenerationRequest
+    from sdrun.session import load_pipeline
+
+    bundle = released_twin("tiny-xl").bundle
+    jobs = [{"prompt": f"a lighthouse number {i}", "negative_prompt": "blurry", "seed": i, "steps": STEPS}
+            for i in range(4)]
+    with running_server(bundle, tmp_path / "serve.log", "--max-queue-delay-ms", "20", models=("txt2img",)) as xl:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda job: ask(xl, **job), jobs))
+    local = load_pipeline(bundle, "onnxruntime").pipeline
+    for job, (image, parameters) in zip(jobs, answers):
+        result = local.generate(GenerationRequest(**job))
+        assert np.abs(image.astype(int) - result.images[0]).max() <= PIXEL, job
+        assert parameters == result_parameters(result, local.bundle, "onnxruntime", img2img=False)
