@@ -31,6 +31,23 @@ def test_unet_profile_doubles_batch_for_guidance_in_latent_cells(tiny_recipe):
     assert profile["timestep"] == {"min": [1], "opt": [1], "max": [1]}
 
 
+def test_sdxl_profiles_cover_the_pooled_text_and_size_inputs():
+    """The full-size SDXL UNet's added inputs follow the CFG batch; the step-fused one's the guided batch."""
+    from sdcompile.components import component_spec
+    from sdcompile.recipes import load_recipe
+
+    recipe = load_recipe("sdxl")
+    unet = profile_from_request(recipe, component_spec("unet", recipe).inputs, ShapeRequest())
+    assert unet["text_embeds"] == {"min": [1, 1280], "opt": [2, 1280], "max": [8, 1280]}
+    assert unet["time_ids"] == {"min": [1, 6], "opt": [2, 6], "max": [8, 6]}
+    assert unet["encoder_hidden_states"]["max"] == [8, 77, 2048]
+    assert unet["sample"]["opt"] == [2, 4, 128, 128]
+    step = profile_from_request(recipe, component_spec("unet_step", recipe).inputs, ShapeRequest())
+    assert step["text_embeds"] == {"min": [2, 1280], "opt": [2, 1280], "max": [8, 1280]}
+    pooled = profile_from_request(recipe, component_spec("text_encoder_2", recipe).inputs, ShapeRequest())
+    assert pooled["input_ids"] == {"min": [1, 77], "opt": [2, 77], "max": [8, 77]}
+
+
 def test_text_encoder_takes_both_prompt_halves(tiny_recipe):
     profile = profile_from_request(tiny_recipe, TEXT_INPUTS, ShapeRequest())
     assert profile["input_ids"] == {"min": [1, 77], "opt": [2, 77], "max": [8, 77]}
