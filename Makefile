@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= build/demo
 BENCH_ARGS ?=
+BENCH_RECIPES ?= tiny tiny-xl
 
 .PHONY: install test test-slow demo bench clean
 
@@ -31,8 +32,9 @@ demo: $(STAMP)
 	$(VENV)/bin/sdcompile export --recipe tiny --random-weights --seed 0 --component all --out $(DEMO_DIR)/bundle --force
 	$(VENV)/bin/sdrun txt2img --bundle $(DEMO_DIR)/bundle --prompt "a lighthouse on a cliff at dawn" --seed 42 --out $(DEMO_DIR)/demo.png
 
+# Every tiny twin's pipeline benchmark, one results set per recipe.
 bench: $(STAMP)
-	$(PY) -m benchmarks $(BENCH_ARGS)
+	for recipe in $(BENCH_RECIPES); do $(PY) -m benchmarks --recipe $$recipe $(BENCH_ARGS) || exit 1; done
 
 clean:
 	rm -rf build .pytest_cache

@@ -22,6 +22,7 @@ from benchmarks.latency import PipelineLatency, Stats, elapsed, interleaved, sta
 from benchmarks.outcome import ComponentResult, PeerResult, VariantResult
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_step", "vae_decoder")  # those a bundle has
+BENCH_SAMPLER = "ddim"  # the peer's scheduler (`benchmarks.peer`), whatever the recipe's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,7 @@ def generation_requests(config: BenchConfig, recipe) -> tuple:
     shape = (1, recipe.unet.in_channels, recipe.default_height // recipe.vae_scale,
              recipe.default_width // recipe.vae_scale)
     return tuple(GenerationRequest(prompt, config.negative_prompt, steps=config.steps or recipe.default_steps,
-                                   guidance=recipe.default_guidance, seed=config.seed,
+                                   guidance=recipe.default_guidance, seed=config.seed, sampler=BENCH_SAMPLER,
                                    height=recipe.default_height, width=recipe.default_width,
                                    init_noise=rng.standard_normal(shape, dtype=np.float32))
                  for prompt in config.prompts)
