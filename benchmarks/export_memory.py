@@ -61,9 +61,9 @@ class ExportMemoryResult:
 
 def base_components(recipe) -> list[str]:
     """The registry's components that are traced, not derived from another's graph, in registry order."""
-    from sdcompile.components import COMPONENTS, component_spec
+    from sdcompile.components import component_spec, recipe_component_names
 
-    return [name for name in COMPONENTS if component_spec(name, recipe).derived_from is None]
+    return [name for name in recipe_component_names(recipe) if component_spec(name, recipe).derived_from is None]
 
 
 def export_targets(requested: tuple[str, ...] | None, bases: list[str]) -> list[str]:

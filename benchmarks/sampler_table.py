@@ -85,10 +85,8 @@ def convergence_run(loaded, request, recipe, config: BenchConfig, log=lambda lin
                     samplers: tuple[str, ...] = tuple(SAMPLERS)) -> ConvergenceResult:
     """Each sampler's distance to DDIM at `convergence_target_steps`, on this pipeline's plain UNet."""
     request = loaded.pipeline.complete(request)
-    prompts = [request.prompt] if request.guidance == 1.0 else [request.negative_prompt, request.prompt]
-    tokens = loaded.pipeline.token_ids(prompts).ids
-    context = loaded.runners["text_encoder"].run({"input_ids": tokens})["text_embeddings"].copy()
-    problem = Problem(guided_model(loaded.runners["unet"], context, request.guidance), recipe.schedule,
+    conditioning, _ = loaded.pipeline.conditioning([request])
+    problem = Problem(guided_model(loaded.runners["unet"], conditioning, request.guidance), recipe.schedule,
                       recipe.parameterization, request.guidance, np.asarray(request.init_noise), config.seed)
     log(f"convergence: every sampler at {', '.join(map(str, config.convergence_steps))} steps against "
         f"{TARGET_SAMPLER.upper()} at {config.convergence_target_steps} steps ({SOLVER.label} plain UNet)")

@@ -21,7 +21,7 @@ from benchmarks.config import REFERENCE, BenchConfig, Denoise, EngineSet, Varian
 from benchmarks.latency import PipelineLatency, Stats, elapsed, interleaved, stage_seconds
 from benchmarks.outcome import ComponentResult, PeerResult, VariantResult
 
-COMPONENTS = ("text_encoder", "unet", "unet_step", "vae_decoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_step", "vae_decoder")  # those a bundle has
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ def txt2img_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], eng
     steps = requests[0].steps
     components = tuple(component_result(e, name, reference.outputs[name], outputs[e][name],
                                         Stats.of(component_seconds[e, name]), log)
-                       for e in loaded for name in COMPONENTS)
+                       for e in loaded for name in component_runners(loaded[e]))
     variants = tuple(variant_result(v, loaded[v.engines][v.denoise].load_seconds, results, reference,
                                     PipelineLatency.of(stage_runs[v], steps), log) for v, results in runs.items())
     peer_outcome = peer_result(found_peer, reference, Stats.of([r["total"] for r in stage_runs["peer"]]), log) \
@@ -126,16 +126,16 @@ def component_feeds(loaded, result) -> dict[str, dict[str, np.ndarray]]:
     from sdrun.sampling import draw_noises, step_feeds
 
     request = result.request
-    tokens = loaded.pipeline.token_ids([request.negative_prompt, request.prompt]).ids
-    context = loaded.runners["text_encoder"].run({"input_ids": tokens})["text_embeddings"].copy()
+    tokens = loaded.pipeline.text_tokens([request.negative_prompt, request.prompt])
+    conditioning, _ = loaded.pipeline.conditioning([request])
     noise = request.init_noise
     plan = loaded.pipeline.sampler_plan(request)
-    steps = step_feeds(plan, noise, context, request.guidance, draw_noises(plan, noise.shape, np.random.default_rng(0)))
+    steps = step_feeds(plan, noise, conditioning, request.guidance,
+                       draw_noises(plan, noise.shape, np.random.default_rng(0)))
     return {
-        "text_encoder": {"input_ids": tokens},
-        "unet": {"sample": np.concatenate([noise, noise]), "timestep": steps.rows["timestep"][0],
-                 "encoder_hidden_states": context},
-        "unet_step": {"state": steps.state, "encoder_hidden_states": steps.context, **steps.evaluation(0)},
+        **{name: {"input_ids": t.ids} for name, t in tokens.items()},
+        "unet": {"sample": np.concatenate([noise, noise]), "timestep": steps.rows["timestep"][0], **conditioning},
+        "unet_step": {"state": steps.state, **steps.conditioning, **steps.evaluation(0)},
         "vae_decoder": {"latent": result.latents},
     }
 
@@ -145,7 +145,7 @@ def component_runners(pipelines: dict) -> dict:
     runners = {}
     for loaded in pipelines.values():
         runners.update(loaded.runners)
-    return {name: runners[name] for name in COMPONENTS}
+    return {name: runners[name] for name in COMPONENTS if name in runners}
 
 
 def run_components(pipelines: dict, feeds: dict) -> dict[str, np.ndarray]:

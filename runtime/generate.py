@@ -44,6 +44,9 @@ class GenerateJob:
     sampler: str | None = None  # None: the recipe's default
     karras: bool | None = None
     spacing: str | None = None
+    original_size: tuple[int, int] | None = None  # SDXL size conditioning (height, width); None: output size
+    crop: tuple[int, int] | None = None  # (top, left); None: (0, 0)
+    target_size: tuple[int, int] | None = None
     device: str | None = None  # torch backend only: "cpu", "cuda", "cuda:N"; None: the CPU
     dtype: str | None = None  # torch backend only: "fp32" | "fp16" | "bf16"; None: fp32
     lora: tuple[str, ...] = ()  # "FILE[:SCALE]" each
@@ -55,7 +58,8 @@ class GenerateJob:
 
 # Options a server request does not carry, and their values when not given.
 LOCAL_ONLY = {"batch": 1, "eta": None, "backend": "auto", "init_noise": None, "threads": None, "cuda_graph": False,
-              "karras": None, "spacing": None, "device": None, "dtype": None, "lora": (), "lora_dir": None}
+              "karras": None, "spacing": None, "device": None, "dtype": None, "lora": (), "lora_dir": None,
+              "original_size": None, "crop": None, "target_size": None}
 
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
@@ -136,10 +140,17 @@ def result_parameters(result: GenerationResult, bundle: Bundle, backend: str, im
                       prompt: str | None = None, loras: Sequence[dict] = ()) -> str:
     """The web UIs' PNG `parameters` text of a result; `prompt`: as typed (LoRA tags kept), None: the request's."""
     final = result.request
-    extra = {"Backend": backend, **({"Denoising strength": final.strength} if img2img else {}), **lora_fields(loras)}
+    extra = {"Backend": backend, **({"Denoising strength": final.strength} if img2img else {}),
+             **size_fields(final), **lora_fields(loras)}
     return parameters_text(final.prompt if prompt is None else prompt, final.negative_prompt, final.steps,
                            final.guidance, final.seed, final.width, final.height, bundle.manifest.weights_sha256,
                            bundle.recipe.name, extra, sampler=sampler_label(final.sampler, final.karras))
+
+
+def size_fields(request: GenerationRequest) -> dict[str, str]:
+    """SDXL's size conditioning as `Original size: 1024x1024, Crop: 0x0, Target size: 1024x1024` (height × width)."""
+    named = {"Original size": request.original_size, "Crop": request.crop, "Target size": request.target_size}
+    return {name: f"{value[0]}x{value[1]}" for name, value in named.items() if value is not None}
 
 
 def lora_fields(loras: Sequence[dict]) -> dict[str, str]:
@@ -182,7 +193,12 @@ def _request(job: GenerateJob, recipe: Recipe) -> GenerationRequest:
         seed=job.seed, height=height, width=width, batch=job.batch, eta=job.eta,
         init_noise=_load_noise(job.init_noise) if job.init_noise else None, image=image,
         strength=job.strength if job.strength is not None else 0.75, sampler=job.sampler, karras=job.karras,
-        spacing=job.spacing)
+        spacing=job.spacing, original_size=_pair(job.original_size), crop=_pair(job.crop),
+        target_size=_pair(job.target_size))
+
+
+def _pair(values) -> tuple[int, int] | None:
+    return None if values is None else tuple(values)
 
 
 def _load_noise(path: Path) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""txt2img / img2img: tokenize ▶ text encoder ▶ sampler loop ▶ VAE decode, written once for every backend.
+"""txt2img / img2img: tokenize ▶ text encoder(s) ▶ sampler loop ▶ VAE decode, written once for every backend.
+
+SDXL's two encoders each read the prompts padded their own way; their hidden states are concatenated
+into the context, and the UNet also sees the second's pooled text and six pixel sizes per image
+(`SizeConditioning`: original size, crop, target size; default the output size and (0, 0)).
 
 Numerics only: no file I/O here (the CLI reads and writes files), no RNG beyond the
 documented generator seeded by the caller: `numpy.random.default_rng(seed)` draws, in this
@@ -20,8 +24,13 @@ from sdrun.backends.base import GraphRunner, StageTimer
 from sdrun.bundle import Bundle, Manifest
 from sdrun.errors import UserError
 from sdrun.recipe import Recipe, ShapeRange
-from sdrun.sampling import draw_noises, sample_plan, sampler_plan, step_feeds
+from sdrun.sampling import Conditioning, draw_noises, sample_plan, sampler_plan, step_feeds
+from sdrun.sdxl_conditioning import SizeConditioning
 from sdrun.tokenizer import TokenizedBatch
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # component names, in the recipe's `text_encoders` order
+POOLED_OUTPUT = "pooled_embeddings"
+SIZE_MULTIPLE = 8  # SDXL's size conditioning: pixel sizes, as its training data's, in multiples of 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +50,10 @@ class GenerationRequest:
     sampler: str | None = None  # a name or id from `sdrun samplers`; None: the recipe's default (DDIM)
     karras: bool | None = None  # Karras sigmas (samplers that have sigmas); None: the sampler's default
     spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the sampler's default
+    # SDXL's size conditioning in pixels (height, width); None: the output size, crop (0, 0)
+    original_size: tuple[int, int] | None = None
+    crop: tuple[int, int] | None = None  # (top, left)
+    target_size: tuple[int, int] | None = None
     validated: bool = dataclasses.field(default=False, compare=False)  # set by `complete_request` alone
 
 
@@ -75,10 +88,15 @@ class Pipeline:
         """`request` with every None filled from the recipe, validated (once) before any heavy work."""
         return request if request.validated else complete_request(request, self.recipe)
 
-    def token_ids(self, prompts: list[str]) -> TokenizedBatch:
-        """`.ids`: (len(prompts), context_length) int32, padded as the bundle's text encoder was trained."""
-        tokenizer = self.bundle.manifest.tokenizer
-        return self.bundle.tokenizer(prompts, tokenizer["pad_id"], tokenizer["context_length"])
+    def token_ids(self, prompts: list[str], encoder: int = 0) -> TokenizedBatch:
+        """`.ids`: (len(prompts), context_length) int32, padded as the recipe's text encoder `encoder` was trained."""
+        config = self.recipe.text_encoders[encoder]
+        tokenizer = self.bundle.tokenizer
+        return tokenizer(prompts, tokenizer.pad_id(config.padding), config.context_length)
+
+    def text_tokens(self, prompts: list[str]) -> dict[str, TokenizedBatch]:
+        """Each text encoder's token ids for `prompts`, by component name."""
+        return {name: self.token_ids(prompts, i) for i, name in enumerate(TEXT_ENCODERS[:len(self.recipe.text_encoders)])}
 
     def sampler_plan(self, request: GenerationRequest):
         """The sampler plan of a completed request (img2img: of the steps its strength keeps)."""
@@ -99,7 +117,7 @@ class Pipeline:
         self.timer = StageTimer()
         started = time.perf_counter()
         rngs = [np.random.default_rng(r.seed) for r in requests]
-        context, dropped = self._encode_prompts(requests)
+        conditioning, dropped = self.conditioning(requests)
         plan = self.sampler_plan(first)
         if first.image is None:
             x0, noise = None, np.concatenate([self._initial_noise(r, rng) for r, rng in zip(requests, rngs)])
@@ -109,7 +127,7 @@ class Pipeline:
         drawn = [draw_noises(plan, (r.batch, *noise.shape[1:]), rng) for r, rng in zip(requests, rngs)]
         noises = [None if z[0] is None else np.concatenate(z) for z in zip(*drawn)]
         start = time.perf_counter()
-        latents = self._denoise(plan, noise, x0, context, first.guidance, noises, on_step)
+        latents = self._denoise(plan, noise, x0, conditioning, first.guidance, noises, on_step)
         self.timer.add("denoise", time.perf_counter() - start)
         decoded = self._decode(latents)
         self.timer.add("total", time.perf_counter() - started)
@@ -118,36 +136,43 @@ class Pipeline:
                                  self.step_fused, plan.warnings)
                 for r, a, b, d in zip(requests, bounds, bounds[1:], dropped)]
 
-    def _denoise(self, plan, noise, x0, context, guidance, noises, on_step) -> np.ndarray:
+    def _denoise(self, plan, noise, x0, conditioning, guidance, noises, on_step) -> np.ndarray:
         def progress(e: int, x: np.ndarray) -> None:
             check_finite(x, f"evaluation {e + 1}/{len(plan)} of {plan.name}")
             if on_step:
                 on_step(e + 1, len(plan))
 
         if self.resident_loop is None:
-            return sample_plan(plan, self.runners, noise, context, guidance, noises, progress, x0)
-        feeds = step_feeds(plan, noise, context, guidance, noises, x0)
+            return sample_plan(plan, self.runners, noise, conditioning, guidance, noises, progress, x0)
+        feeds = step_feeds(plan, noise, conditioning, guidance, noises, x0)
         start = time.perf_counter()
         latents = self.resident_loop(feeds, on_step)
         self.timer.add("graph:unet_step", time.perf_counter() - start, calls=len(plan))
         check_finite(latents, f"the {len(plan)}-evaluation {plan.name} loop")
         return latents
 
-    def _encode_prompts(self, requests: Sequence[GenerationRequest]) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-        """Context (2N or N, L, D) for N images: [negatives; prompts] when guided; and per request the
-        tokens cut off per prompt (its negatives' then its prompts')."""
+    def conditioning(self, requests: Sequence[GenerationRequest]) -> tuple[Conditioning, list[tuple[int, ...]]]:
+        """The UNet's conditioning for N images of completed requests, rows [negatives; prompts] when guided
+        (`sdrun.sampling`); and per request the tokens cut off per prompt (its negatives' then its prompts')."""
         prompts = [r.prompt for r in requests for _ in range(r.batch)]
         guided = requests[0].guidance != 1.0
         negatives = [r.negative_prompt for r in requests for _ in range(r.batch)] if guided else []
-        tokens = self.token_ids(negatives + prompts)
+        tokens = self.text_tokens(negatives + prompts)
         start = time.perf_counter()
-        context = self.runners["text_encoder"].run({"input_ids": tokens.ids})["text_embeddings"].copy()
+        outputs = {name: self.runners[name].run({"input_ids": t.ids}) for name, t in tokens.items()}
+        context = np.concatenate([out["text_embeddings"] for out in outputs.values()], axis=-1)  # (2N, L, D)
         self.timer.add("text_encoder", time.perf_counter() - start)
         check_finite(context, "text encoder")
+        conditioning = {"encoder_hidden_states": context}
+        if self.recipe.unet.adm_in_channels:
+            sizes = [size_conditioning(r) for r in requests for _ in range(r.batch)]
+            conditioning["text_embeds"] = next(o[POOLED_OUTPUT] for o in outputs.values() if POOLED_OUTPUT in o).copy()
+            conditioning["time_ids"] = np.array(sizes * (2 if guided else 1), np.float32)  # (2N, 6)
+        dropped_all = tokens[TEXT_ENCODERS[0]].dropped
         bounds = np.cumsum([0, *(r.batch for r in requests)])
-        cut_negatives, cut_prompts = tokens.dropped[:len(negatives)], tokens.dropped[len(negatives):]
+        cut_negatives, cut_prompts = dropped_all[:len(negatives)], dropped_all[len(negatives):]
         dropped = [(*cut_negatives[a:b], *cut_prompts[a:b]) for a, b in zip(bounds, bounds[1:])]
-        return context, dropped
+        return conditioning, dropped
 
     def _initial_noise(self, request: GenerationRequest, rng: np.random.Generator) -> np.ndarray:
         shape = latent_shape(request, self.recipe)
@@ -198,6 +223,7 @@ def complete_request(request: GenerationRequest, recipe: Recipe) -> GenerationRe
     """Fill None fields from the recipe and validate everything before any heavy work."""
     filled = dataclasses.replace(
         request,
+        **(_size_defaults(request, recipe) if recipe.unet.adm_in_channels else {}),
         steps=recipe.default_steps if request.steps is None else request.steps,
         guidance=recipe.default_guidance if request.guidance is None else request.guidance,
         height=recipe.default_height if request.height is None else request.height,
@@ -218,6 +244,7 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
     if not batch.min <= request.batch <= batch.max:
         raise UserError("batch is outside the bundle's profile.", expected=f"{batch.min}..{batch.max}",
                         got=str(request.batch), fix="lower --batch or widen shapes.batch in the recipe")
+    _check_size_conditioning(request, recipe)
     request_plan(request, recipe, img2img)  # every sampler option, strength included (milliseconds)
     if request.guidance < 1.0:
         raise UserError("guidance must be >= 1.", got=str(request.guidance), fix="use 1 (off) or e.g. 7.5")
@@ -227,6 +254,43 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
             raise UserError("--init-noise has the wrong shape.", expected=str(expected),
                             got=str(tuple(request.init_noise.shape)),
                             fix="save (batch, 4, height/8, width/8) float32 noise with numpy.save")
+
+
+def size_conditioning(request: GenerationRequest) -> SizeConditioning:
+    """A completed SDXL request's six size values (its `time_ids` row)."""
+    return SizeConditioning(*request.original_size, *request.crop, *request.target_size)
+
+
+def _size_defaults(request: GenerationRequest, recipe: Recipe) -> dict:
+    """SDXL's defaults: original and target size the output size, no crop (diffusers' pipeline does the same)."""
+    size = (recipe.default_height if request.height is None else request.height,
+            recipe.default_width if request.width is None else request.width)
+    return {"original_size": request.original_size or size, "crop": request.crop or (0, 0),
+            "target_size": request.target_size or size}
+
+
+SIZE_OPTIONS = {"original_size": "--original-size", "crop": "--crop", "target_size": "--target-size"}
+
+
+def _check_size_conditioning(request: GenerationRequest, recipe: Recipe) -> None:
+    given = {field: getattr(request, field) for field in SIZE_OPTIONS}
+    if not recipe.unet.adm_in_channels:
+        named = [SIZE_OPTIONS[f] for f, value in given.items() if value is not None]
+        if named:
+            raise UserError(f"{', '.join(named)} condition SDXL's UNet; recipe {recipe.name} has no size conditioning.",
+                            fix="leave them out, or use an SDXL bundle")
+        return
+    for field, value in given.items():
+        smallest = 0 if field == "crop" else SIZE_MULTIPLE
+        ok = (isinstance(value, tuple) and len(value) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) and v >= smallest and v % SIZE_MULTIPLE == 0
+                      for v in value))
+        if not ok:
+            kind = "non-negative" if field == "crop" else "positive"
+            raise UserError(f"{SIZE_OPTIONS[field]} must be two {kind} multiples of {SIZE_MULTIPLE} (pixels).",
+                            expected=f"HEIGHT WIDTH, e.g. {SIZE_OPTIONS[field]} 1024 1024" if field != "crop"
+                            else "TOP LEFT, e.g. --crop 0 0", got=repr(value),
+                            fix=f"round each value to a multiple of {SIZE_MULTIPLE}")
 
 
 def request_plan(request: GenerationRequest, recipe: Recipe, img2img: bool):
@@ -283,5 +347,6 @@ class _TimedRunner:
 def needed_components(manifest: Manifest, step_fusion: bool | None, img2img: bool) -> list[str]:
     """The components a run loads: one UNet variant only, so its weights are in memory once."""
     fused = "unet_step" in manifest.components if step_fusion is None else step_fusion
-    return ["text_encoder", "unet_step" if fused else "unet", "vae_decoder", *(["vae_encoder"] if img2img else [])]
+    encoders = TEXT_ENCODERS[:len(manifest.recipe.text_encoders)]
+    return [*encoders, "unet_step" if fused else "unet", "vae_decoder", *(["vae_encoder"] if img2img else [])]
 

@@ -6,7 +6,9 @@ linear update advances the state. With the plain UNet guidance and the update ru
 (`run_plan`); the step-fused graph runs both (`run_fused`: one call per evaluation, its rows in
 `StepFeeds`), and a backend may run that whole loop on its device (`ResidentLoop`, TensorRT).
 Noise is drawn from the request's generator after the initial latents (img2img: after the
-posterior and forward noise), one tensor per evaluation whose update takes noise.
+posterior and forward noise), one tensor per evaluation whose update takes noise. The conditioning is
+what the UNet sees unchanged for a whole loop, by input name: `encoder_hidden_states` (2B, L, D) and,
+for SDXL, `text_embeds` (2B, P) and `time_ids` (2B, 6); [uncond; cond] rows with guidance, cond without.
 """
 from __future__ import annotations
 
@@ -42,14 +44,17 @@ def draw_noises(plan: Plan, shape: tuple[int, ...], rng: np.random.Generator) ->
     return [rng.standard_normal(shape, dtype=np.float32) if needed else None for needed in plan.needs_noise]
 
 
-def guided_model(unet: GraphRunner, context: np.ndarray, guidance: float) -> Callable:
+Conditioning = Mapping[str, np.ndarray]
+
+
+def guided_model(unet: GraphRunner, conditioning: Conditioning, guidance: float) -> Callable:
     """(x_in, t) -> the guided UNet output: [uncond; cond] halves combined when guidance != 1."""
     guided = guidance != 1.0
 
     def model(x_in: np.ndarray, timestep: float) -> np.ndarray:
         sample = np.concatenate([x_in, x_in]) if guided else x_in
         feeds = {"sample": sample.astype(np.float32), "timestep": np.array([timestep], np.float32),
-                 "encoder_hidden_states": context}
+                 **conditioning}
         output = unet.run(feeds)["latent"]
         return classifier_free_guidance(*np.split(output, 2), guidance) if guided else output.copy()
 
@@ -61,7 +66,7 @@ class StepFeeds:
     """Everything the step-fused loop is fed, computed on the host before it starts."""
 
     state: np.ndarray  # (W, B, C, h, w) float32, the initial state padded to STATE_WIDTH
-    context: np.ndarray  # (2B, L, D) float32 [uncond; cond], or [cond; cond] without guidance
+    conditioning: dict[str, np.ndarray]  # (2B, ...) float32 [uncond; cond], or [cond; cond] without guidance
     rows: dict[str, np.ndarray]  # PER_EVALUATION name -> (E, *shape) float32; row e feeds evaluation e
 
     def __len__(self) -> int:
@@ -71,37 +76,37 @@ class StepFeeds:
         return {name: rows[e] for name, rows in self.rows.items()}
 
 
-def step_feeds(plan: Plan, init_noise: np.ndarray, context: np.ndarray, guidance: float,
+def step_feeds(plan: Plan, init_noise: np.ndarray, conditioning: Conditioning, guidance: float,
                noises: list[np.ndarray | None], x0: np.ndarray | None = None) -> StepFeeds:
     """The step-fused graph's inputs for every evaluation of `plan` (zero noise where none is drawn)."""
     state = np.zeros((STATE_WIDTH, *init_noise.shape), np.float32)
     state[:plan.width] = np.stack(initial_state(plan, init_noise.astype(np.float32), x0))
-    if guidance == 1.0:
-        context = np.concatenate([context, context])  # the fused graph always guides
+    if guidance == 1.0:  # the fused graph always guides
+        conditioning = {name: np.concatenate([rows, rows]) for name, rows in conditioning.items()}
     zeros = np.zeros(init_noise.shape, np.float32)
     count = len(plan)
     rows = {"timestep": plan.timesteps.reshape(count, 1), "input_scale": plan.c_in.reshape(count, 1),
             "guidance": np.full((count, 1), guidance), "update": fused_update_rows(plan),
             "noise": np.stack([zeros if z is None else z for z in noises])}
-    return StepFeeds(state, context, {name: np.ascontiguousarray(rows[name], np.float32) for name in PER_EVALUATION})
+    return StepFeeds(state, dict(conditioning), {name: np.ascontiguousarray(rows[name], np.float32) for name in PER_EVALUATION})
 
 
 def run_fused(step: GraphRunner, feeds: StepFeeds, on_evaluation: Callable[[int, np.ndarray], None]) -> np.ndarray:
     """The host-driven step-fused loop: one graph call per evaluation; the final latents (B, C, h, w)."""
     state = feeds.state
     for e in range(len(feeds)):
-        state = step.run({"state": state, "encoder_hidden_states": feeds.context,
-                          **feeds.evaluation(e)})["next_state"].copy()
+        state = step.run({"state": state, **feeds.conditioning, **feeds.evaluation(e)})["next_state"].copy()
         on_evaluation(e, state[0])
     return state[0]
 
 
-def sample_plan(plan: Plan, runners: Mapping[str, GraphRunner], init_noise: np.ndarray, context: np.ndarray,
+def sample_plan(plan: Plan, runners: Mapping[str, GraphRunner], init_noise: np.ndarray, conditioning: Conditioning,
                 guidance: float, noises: list[np.ndarray | None],
                 on_evaluation: Callable[[int, np.ndarray], None], x0: np.ndarray | None = None) -> np.ndarray:
     """Final latents of `plan` from unit-variance `init_noise` (B, C, h, w) and, for img2img, the
     encoded image `x0` (B, C, h, w), on the step-fused UNet when `runners` has it, else the plain one."""
     if FUSED in runners:
-        return run_fused(runners[FUSED], step_feeds(plan, init_noise, context, guidance, noises, x0), on_evaluation)
-    model = guided_model(runners["unet"], context, guidance)
+        return run_fused(runners[FUSED], step_feeds(plan, init_noise, conditioning, guidance, noises, x0),
+                         on_evaluation)
+    model = guided_model(runners["unet"], conditioning, guidance)
     return run_plan(plan, model, init_noise, noises, on_evaluation, x0).astype(np.float32)

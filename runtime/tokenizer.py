@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrun.errors import MissingDependencyError, UserError
+from sdrun.recipe import TokenizerPadding
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 CONTEXT_LENGTH = 77
@@ -201,6 +202,10 @@ class ClipTokenizer:
     def from_file(cls, path: str | Path, repair: TextRepair | None = None) -> ClipTokenizer:
         """Tokenizer from a `bpe_simple_vocab_16e6.txt.gz` file; None: ftfy repair if installed."""
         return cls(read_merges(path), repair)
+
+    def pad_id(self, padding: TokenizerPadding) -> int:
+        """The id an encoder trained with `padding` was padded with: the end token (HF CLIP) or 0 (open_clip)."""
+        return self.end_id if padding is TokenizerPadding.END_TOKEN else 0
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one prompt, without start/end tokens."""

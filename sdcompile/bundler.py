@@ -20,18 +20,17 @@ import torch
 from sdcompile.components import COMPONENTS, component_spec, selected_components
 from sdcompile.components.spec import ComponentSpec, dim_multiples, input_profile, trace_binding, verify_binding
 from sdcompile.export import name_io_dims, trace_to_file
-from sdcompile.fingerprint import HASHED_COMPONENTS, WeightsDigest
+from sdcompile.fingerprint import WeightsDigest
 from sdcompile.graph.external import inside, load_structure, save_graph, spill
 from sdcompile.memory import return_freed_memory
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.passes import default_passes, optimize_on_disk, run_pass
 from sdcompile.recipes import Recipe, TokenizerPadding
-from sdrun.recipe import Family
 from sdcompile.verify import eager_outputs, verify_graph
 from sdcompile.weights import RandomWeights, load_models
 from sdcompile.weight_map import FILE_NAME as WEIGHT_MAP
 from sdcompile.weight_map import WeightSource, final_map, traced_sources, write_weight_map
-from sdcompile.weights.layout import LDM_PREFIXES, Component
+from sdcompile.weights.layout import Component, recipe_components
 from sdcompile.weights.lora_merge import LoraMerge
 from sdrun.bundle import (MANIFEST_NAME, ComponentRecord, Manifest, read_manifest, sha256_file,
                           write_json_atomic)
@@ -63,14 +62,13 @@ class ExportConfig:
 def export_bundle(config: ExportConfig, log=print) -> Manifest:
     """Export the selected components of `config.recipe` into the bundle at `config.out`.
 
-    One model's weights are in memory at a time (text encoder, UNet, VAE in `HASHED_COMPONENTS`
+    One model's weights are in memory at a time (UNet, VAE, text encoders in `HASHED_COMPONENTS`
     order, hashed as they load): its components' eager reference outputs are computed and their
     graphs traced to disk, the model is freed, and only then do the passes, the save and ONNX
     Runtime's verification run, on graphs whose weights stay in external-data files. LoRAs are merged
     into each model as it loads, so the hash and the graphs are of the merged weights.
     """
-    check_exportable(config.recipe)
-    names = _with_bases(selected_components(config.components), config.recipe)
+    names = _with_bases(selected_components(config.components, config.recipe), config.recipe)
     check_attention_opset(config.opset, config.attention_target)
     with stage("reading the LoRAs"):
         loras = LoraMerge(config.loras, config.recipe)
@@ -84,8 +82,8 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent)).resolve()
     try:
         records = _kept_components(previous, out, staging, names) if merging else {}
-        digest = WeightsDigest()
-        for part in HASHED_COMPONENTS:
+        digest = _digest(config.recipe)
+        for part in digest.parts:
             group = [n for n in names if component_spec(n, config.recipe).model.value == part]
             records.update(_export_model(part, group, config, loras, staging, digest, records, log))
         shutil.rmtree(staging / WORK_DIR, ignore_errors=True)
@@ -101,6 +99,10 @@ def export_bundle(config: ExportConfig, log=print) -> Manifest:
     return manifest
 
 
+def _digest(recipe: Recipe) -> WeightsDigest:
+    return WeightsDigest(tuple(c.value for c in recipe_components(recipe)))
+
+
 def _load_model(part: str, config: ExportConfig, loras: LoraMerge, log):
     log(f"loading the {config.recipe.name} {part} weights ({_describe_source(config.source)})")
     with stage("loading the weights"):
@@ -112,8 +114,8 @@ def _load_model(part: str, config: ExportConfig, loras: LoraMerge, log):
 
 def _weights_sha256(config: ExportConfig, loras: LoraMerge, log) -> str:
     """The bundle's weights hash (LoRAs merged), each model loaded, hashed and freed in turn."""
-    digest = WeightsDigest()
-    for part in HASHED_COMPONENTS:
+    digest = _digest(config.recipe)
+    for part in digest.parts:
         digest.add(part, _load_model(part, config, loras, log).component(Component(part)).state_dict())
         return_freed_memory()
     return digest.hexdigest()
@@ -171,7 +173,7 @@ def _eager_phase(name: str, models, config: ExportConfig, work: Path, log) -> _T
         graph.parent.mkdir(parents=True)
         trace_to_file(module, inputs, spec.inputs, spec.outputs, dim_multiples(config.recipe), graph, config.opset)
         phases.done(f"traced (opset {config.opset})")
-        sources = traced_sources(module, models.component(spec.model), LDM_PREFIXES[spec.model], graph)
+        sources = traced_sources(module, models.component(spec.model), models.prefixes[spec.model], graph)
         return _Traced(spec, phases, checked, references, graph, sources)
     return _Traced(spec, phases, checked, references, None, None)
 
@@ -220,14 +222,6 @@ def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized
         inputs=spec.inputs, outputs=spec.outputs, profile=input_profile(spec, config.recipe),
         precision=config.precision.value, passes=tuple(passes), report=report)
     return record, (source_dir / "model.onnx", sources)
-
-
-def check_exportable(recipe: Recipe) -> None:
-    """SDXL recipes have reference models and no export yet (components, loaders, runtime): refuse them."""
-    if recipe.family is Family.SDXL:
-        raise UserError(f"recipe {recipe.name} is SDXL, which cannot be exported yet: its reference models exist, "
-                        "its components, checkpoint loading and runtime do not.",
-                        fix="export an SD 1.x or 2.x recipe (`sdcompile recipes` lists them)")
 
 
 def check_attention_opset(opset: int, target: AttentionTarget) -> None:
@@ -285,7 +279,7 @@ def _peak_gib() -> float:
 def _with_bases(names: list[str], recipe: Recipe) -> list[str]:
     """Derived components need their base exported first (registry order puts it first)."""
     bases = {component_spec(n, recipe).derived_from for n in names} - {None}
-    return selected_components([*names, *bases])
+    return selected_components([*names, *bases], recipe)
 
 
 def tool_versions() -> dict:
@@ -305,7 +299,7 @@ def _copy_tokenizer(recipe: Recipe, staging: Path) -> dict:
     target = staging / "tokenizer" / TOKENIZER_VOCAB
     target.parent.mkdir()
     shutil.copyfile(source, target)
-    pad_id = END_OF_TEXT_ID if recipe.text_encoder.padding is TokenizerPadding.END_TOKEN else 0
+    pad_id = END_OF_TEXT_ID if recipe.text_encoder.padding is TokenizerPadding.END_TOKEN else 0  # encoder 1's
     return {"vocab": f"tokenizer/{TOKENIZER_VOCAB}", "sha256": sha256_file(target), "pad_id": pad_id,
             "context_length": recipe.text_encoder.context_length}
 

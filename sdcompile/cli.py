@@ -45,7 +45,7 @@ def recipes_command() -> None:
 @click.option("--random-weights", is_flag=True, help="seeded random weights instead of a checkpoint")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for --random-weights")
 @click.option("--component", "components", multiple=True, default=("all",), show_default=True,
-              help="text_encoder | unet | vae_decoder | vae_encoder | all (repeatable)")
+              help="text_encoder | text_encoder_2 (SDXL) | unet | unet_step | vae_decoder | vae_encoder | all (repeatable)")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="bundle directory to write")
 @click.option("--precision", type=click.Choice([p.value for p in Precision]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 23 for fused attention)")

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-HASHED_COMPONENTS = ("unet", "vae", "text_encoder")
+HASHED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the hash order; a recipe hashes those it has
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -40,18 +40,21 @@ def _update(digest, prefix: str, state: Mapping[str, torch.Tensor]) -> None:
 
 class WeightsDigest:
     """`models_sha256` fed one model at a time, in `HASHED_COMPONENTS` order, so the models need not be
-    in memory together."""
+    in memory together; `parts` are the models the recipe has (SD: the first three)."""
 
-    def __init__(self):
+    def __init__(self, parts: tuple[str, ...]):
+        if tuple(p for p in HASHED_COMPONENTS if p in parts) != tuple(parts):
+            raise ValueError(f"weights are hashed in the order {HASHED_COMPONENTS}; got {parts}")
+        self.parts = tuple(parts)
         self._digest, self._added = hashlib.sha256(), 0
 
     @property
     def next_part(self) -> str | None:
-        return HASHED_COMPONENTS[self._added] if self._added < len(HASHED_COMPONENTS) else None
+        return self.parts[self._added] if self._added < len(self.parts) else None
 
     def add(self, part: str, state: Mapping[str, torch.Tensor]) -> None:
         if part != self.next_part:
-            raise ValueError(f"weights are hashed in the order {HASHED_COMPONENTS}; got {part} for {self.next_part}")
+            raise ValueError(f"weights are hashed in the order {self.parts}; got {part} for {self.next_part}")
         _update(self._digest, part, state)
         self._added += 1
 
@@ -62,8 +65,8 @@ class WeightsDigest:
 
 
 def models_sha256(models) -> str:
-    """Content hash of every weight of the three models (the bundle's `weights_sha256`)."""
-    digest = WeightsDigest()
-    for part in HASHED_COMPONENTS:
+    """Content hash of every weight of the models (the bundle's `weights_sha256`)."""
+    digest = WeightsDigest(tuple(p for p in HASHED_COMPONENTS if getattr(models, p, None) is not None))
+    for part in digest.parts:
         digest.add(part, getattr(models, part).state_dict())
     return digest.hexdigest()

@@ -39,3 +39,19 @@ def tiny_bundle_fp16(tmp_path_factory):
     from sdcompile.options import AttentionImpl
 
     return _export(tmp_path_factory.mktemp("bundles") / "tiny-fp16", "fp16", attention=AttentionImpl.EXPLICIT)
+
+
+@pytest.fixture(scope="session")
+def released_twin(tmp_path_factory):
+    """recipe name -> (file, bundle): a single file in the released checkpoint layout of the recipe's family,
+    seeded random weights, exported through `sdcompile export` (every component), once per session."""
+    from tests.family_twin import export_released_twin
+
+    made = {}
+
+    def twin(recipe_name: str):
+        if recipe_name not in made:
+            made[recipe_name] = export_released_twin(recipe_name, tmp_path_factory.mktemp(recipe_name))
+        return made[recipe_name]
+
+    return twin

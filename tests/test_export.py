@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from sdcompile.cli import cli
-from sdcompile.components import COMPONENTS, component_spec
+from sdcompile.components import component_spec, recipe_component_names
 from sdcompile.inspection import inspect_path
 from sdcompile.recipes import RECIPES_DIR, load_recipe
 from sdcompile.weights import RandomWeights, load_models
@@ -23,6 +23,7 @@ from sdrun.metrics import compare
 # Attentions in the tiny recipe per component: (self, cross, causal).
 TINY_ATTENTIONS = {"text_encoder": (2, 0, 2), "unet": (7, 7, 0), "vae_decoder": (1, 0, 0), "vae_encoder": (1, 0, 0)}
 OTHER_SHAPE = ShapeBinding(batch=1, cfg_batch=2, image_height=48, image_width=96, vae_scale=8)
+TINY_COMPONENTS = recipe_component_names(load_recipe("tiny"))
 
 
 def _invoke(*args):
@@ -52,7 +53,7 @@ def _graph_vs_eager(bundle, name, models, binding):
 
 def test_manifest_describes_every_component(tiny_bundle):
     manifest = read_manifest(tiny_bundle)
-    assert list(manifest.components) == list(COMPONENTS)
+    assert list(manifest.components) == TINY_COMPONENTS
     assert manifest.source == {"kind": "random", "seed": 0} and len(manifest.weights_sha256) == 64
     assert manifest.tokenizer["pad_id"] == 49407 and manifest.tools["torch"]
     unet = manifest.components["unet"]
@@ -63,13 +64,13 @@ def test_manifest_describes_every_component(tiny_bundle):
         assert all(gate["passed"] for gate in record.report["verification"])
 
 
-@pytest.mark.parametrize("name", list(COMPONENTS))
+@pytest.mark.parametrize("name", TINY_COMPONENTS)
 def test_fp32_graph_matches_eager_at_another_shape(tiny_bundle, tiny_models, name):
     expected, actual = _graph_vs_eager(tiny_bundle, name, tiny_models, OTHER_SHAPE)
     assert compare(expected, actual).rel_l2 <= FP32_OUTPUT.threshold
 
 
-@pytest.mark.parametrize("name", list(COMPONENTS))
+@pytest.mark.parametrize("name", TINY_COMPONENTS)
 def test_fp16_graph_meets_its_gate_at_another_shape(tiny_bundle_fp16, tiny_models, name):
     expected, actual = _graph_vs_eager(tiny_bundle_fp16, name, tiny_models, OTHER_SHAPE)
     result = compare(expected, actual.astype(np.float32), data_range=2.0)
@@ -112,8 +113,9 @@ def test_unknown_component_and_recipe(tmp_path):
     assert code == 2 and "unknown component 'clip'" in text and "vae_decoder" in text
     code, text = _invoke("export", "--recipe", "sd3", "--random-weights", "--out", tmp_path / "b")
     assert code == 2 and "unknown recipe 'sd3'" in text
-    code, text = _invoke("export", "--recipe", "tiny-xl", "--random-weights", "--out", tmp_path / "xl")
-    assert code == 2 and "SDXL, which cannot be exported yet" in text and not (tmp_path / "xl").exists()
+    code, text = _invoke("export", "--recipe", "tiny", "--random-weights", "--component", "text_encoder_2",
+                         "--out", tmp_path / "b")
+    assert code == 2 and "recipe tiny has no component text_encoder_2" in text
     assert not (tmp_path / "b").exists()
 
 

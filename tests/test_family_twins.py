@@ -2,14 +2,12 @@
 
 For each family: a single file laid out as the released checkpoints are (see `fixtures/released_layout`),
 `sdcompile export` through the CLI, txt2img on ONNX Runtime, and diffusers' `StableDiffusionPipeline`
-built from the same file by diffusers' own converters as the judge (fp32 float images within 1e-3).
+(`StableDiffusionXLPipeline` for SDXL) built from the same file by diffusers' own converters as the judge (fp32 float images within 1e-3).
 A family without a twin here fails `test_every_family_has_a_twin`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,55 +15,31 @@ from safetensors.torch import load_file
 
 from sdcompile.recipes import Family, available_recipes, load_recipe
 from sdrun.metrics import compare
-from tests.fixtures.released_layout import key_pattern, released_state_dict, write_ckpt, write_safetensors
+from tests.family_twin import SEED, Twin, cli
+from tests.fixtures.released_layout import key_pattern, released_state_dict, write_ckpt
 from tests.models.reference_keys import PREFIXES, reference_shapes
 
-TWINS = {Family.SD1: "tiny", Family.SD2: "tiny-v"}
-# Families whose models exist but not yet the export and runtime path; each entry leaves with its twin.
-PENDING = {Family.SDXL: "tiny-xl"}
+TWINS = {Family.SD1: "tiny", Family.SD2: "tiny-v", Family.SDXL: "tiny-xl"}
+# Released key lists we hold (tests/data); SDXL's layout is checked against diffusers' single-file converters
+# instead (tests/weights/test_sdxl_loading.py).
 REFERENCE_SECTIONS = {Family.SD1: ("sd1_unet", "vae", "sd1_text"), Family.SD2: ("sd2_unet", "vae", "sd2_text")}
 PROMPT, NEGATIVE_PROMPT = "a lighthouse on a cliff at dawn", "blurry"
 STEPS, GUIDANCE, SIZE = 10, 7.5, 64
 PEER_MAX_ABS = 1e-3  # decoded float images in [-1, 1], fp32 against fp32 in another op order
-SEED = 11
-
-
-@dataclasses.dataclass(frozen=True)
-class Twin:
-    recipe_name: str
-    file: Path  # the released-layout .safetensors
-    bundle: Path  # exported from it through the CLI
-
-
-def cli(main, *args: str) -> None:
-    """Run a CLI entry point in this process; fail with its exit code if it exits."""
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        assert exit_.code in (0, None), f"{' '.join(args[:2])} exited {exit_.code}"
 
 
 @pytest.fixture(scope="module", params=sorted(TWINS.values()))
-def twin(request, tmp_path_factory) -> Twin:
-    from sdcompile.cli import main
-
-    recipe = load_recipe(request.param)
-    folder = tmp_path_factory.mktemp(request.param)
-    file = write_safetensors(released_state_dict(recipe, SEED), folder / f"{recipe.name}.safetensors")
-    cli(main, "export", "--recipe", recipe.name, "--checkpoint", str(file), "--component", "all",
-        "--out", str(folder / "bundle"))
-    return Twin(recipe.name, file, folder / "bundle")
+def twin(request, released_twin) -> Twin:
+    return released_twin(request.param)
 
 
 def test_every_family_has_a_twin():
     families = {load_recipe(name).family for name in available_recipes()}
-    covered = set(TWINS) | set(PENDING)
-    assert families == covered, f"families without a tiny twin here: {families - covered}"
-    assert not set(TWINS) & set(PENDING), "a family with a twin is still listed as pending"
-    assert all(load_recipe(name).family is family for family, name in (TWINS | PENDING).items())
+    assert families == set(TWINS), f"families without a tiny twin here: {families - set(TWINS)}"
+    assert all(load_recipe(name).family is family for family, name in TWINS.items())
 
 
-@pytest.mark.parametrize("family", sorted(TWINS, key=lambda f: f.value))
+@pytest.mark.parametrize("family", sorted(REFERENCE_SECTIONS, key=lambda f: f.value))
 def test_twin_file_has_the_released_key_layout(family):
     """Block indices aside, every key (and its rank) is one a released file of the family has; the text
     tower's keys are all of them, 0-dim `logit_scale` included for SD 2.x."""

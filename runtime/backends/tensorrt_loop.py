@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from sdrun.backends.cuda import Cuda
     from sdrun.backends.tensorrt_runner import TensorRTRunner
 
-SAMPLE, OUTPUT, CONTEXT = "state", "next_state", "encoder_hidden_states"
+SAMPLE, OUTPUT = "state", "next_state"
 
 
 # --- pure host-side parts (tested without a GPU) --------------------------------------------------------
@@ -103,16 +103,16 @@ def capture_step(cuda: Cuda, context: trt.IExecutionContext, stream):
 
 @dataclasses.dataclass
 class LoopBuffers:
-    """Device memory of one loop shape: two state buffers, the context, the step table and fixed step inputs."""
+    """Device memory of one loop shape: two state buffers, the conditioning, the step table and fixed step inputs."""
 
     states: tuple[int, int]  # the two (W, B, C, h, w) state buffers
-    context: int
+    conditioning: dict[str, int]  # the loop's constant inputs (context; SDXL's text_embeds, time_ids)
     table: dict[str, int]  # per-step input -> base of its (S, ...) table
     fixed: dict[str, int]  # per-step input -> one row's buffer (CUDA-graph replays read these)
     extra_outputs: dict[str, int]  # engine outputs the loop does not read
     host_state: np.ndarray  # pinned (W, B, C, h, w) staging of the initial state
     host_latents: np.ndarray  # pinned (B, C, h, w) staging of the final download (slot 0 of the last state)
-    host_context: np.ndarray  # pinned staging of the text embeddings
+    host_conditioning: dict[str, np.ndarray]  # pinned staging of the conditioning
     host_table: dict[str, np.ndarray]  # pinned staging of the step table
     graphs: dict[int, tuple] = dataclasses.field(default_factory=dict)  # parity -> (graph, executable graph)
 
@@ -130,11 +130,12 @@ class ResidentLoop:
         self._buffers: dict[tuple, LoopBuffers] = {}
 
     def __call__(self, feeds: StepFeeds, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        state, context, steps = feeds.state, feeds.context, len(feeds)
+        state, conditioning, steps = feeds.state, feeds.conditioning, len(feeds)
         table = step_table(feeds, self.runner.dtypes)
-        self._set_shapes(state.shape, context.shape, table)  # the runner's `run` may have set others since
-        buffers = self._prepared(state.shape, context.shape, steps, table)
-        self._upload(buffers, state, context, table)
+        shapes = {SAMPLE: state.shape, **{name: rows.shape for name, rows in conditioning.items()}}
+        self._set_shapes(shapes, table)  # the runner's `run` may have set others since
+        buffers = self._prepared(shapes, steps, table)
+        self._upload(buffers, state, conditioning, table)
         for step in range(steps):
             self._step(buffers, table, step)
             if on_step:
@@ -144,36 +145,40 @@ class ResidentLoop:
         self.cuda.synchronize(self.stream)
         return buffers.host_latents.astype(np.float32, copy=True)
 
-    def _prepared(self, state: tuple, context: tuple, steps: int, table: dict[str, np.ndarray]) -> LoopBuffers:
-        key = (state, context, steps)
+    def _prepared(self, shapes: dict[str, tuple], steps: int, table: dict[str, np.ndarray]) -> LoopBuffers:
+        key = (tuple(shapes.items()), steps)
         if key not in self._buffers:
-            self._buffers[key] = self._allocate(state, context, table)
+            self._buffers[key] = self._allocate(shapes, table)
         return self._buffers[key]
 
-    def _set_shapes(self, state: tuple, context: tuple, table: dict[str, np.ndarray]) -> None:
-        shapes = {SAMPLE: state, CONTEXT: context, **{name: rows.shape[1:] for name, rows in table.items()}}
-        for name, shape in shapes.items():
+    def _set_shapes(self, shapes: dict[str, tuple], table: dict[str, np.ndarray]) -> None:
+        for name, shape in {**shapes, **{name: rows.shape[1:] for name, rows in table.items()}}.items():
             self.runner.set_input_shape(name, shape)
 
-    def _allocate(self, state: tuple, context: tuple, table: dict[str, np.ndarray]) -> LoopBuffers:
-        """Buffers for one loop shape; the engine's input shapes must be set already."""
+    def _allocate(self, shapes: dict[str, tuple], table: dict[str, np.ndarray]) -> LoopBuffers:
+        """Buffers for one loop shape (`shapes`: the state's and each conditioning input's); the engine's input
+        shapes must be set already."""
         runner, malloc = self.runner, self.runner.group.allocations.malloc
+        state = shapes[SAMPLE]
+        conditioning = {name: shape for name, shape in shapes.items() if name != SAMPLE}
         state_bytes = math.prod(state) * runner.dtypes[SAMPLE].itemsize
         extra = {name: malloc(nbytes) for name, nbytes in runner.unread_output_bytes({OUTPUT}).items()}
         return LoopBuffers(
             states=(malloc(state_bytes), malloc(state_bytes)),
-            context=malloc(math.prod(context) * runner.dtypes[CONTEXT].itemsize),
+            conditioning={name: malloc(math.prod(shape) * runner.dtypes[name].itemsize)
+                          for name, shape in conditioning.items()},
             table={name: malloc(rows.nbytes) for name, rows in table.items()},
             fixed={name: malloc(rows.nbytes // rows.shape[0]) for name, rows in table.items()},
             extra_outputs=extra, host_state=self.pinned.empty(state, runner.dtypes[SAMPLE]),
             host_latents=self.pinned.empty(state[1:], runner.dtypes[SAMPLE]),
-            host_context=self.pinned.empty(context, runner.dtypes[CONTEXT]),
+            host_conditioning={name: self.pinned.empty(shape, runner.dtypes[name]) for name, shape in conditioning.items()},
             host_table={name: self.pinned.empty(rows.shape, rows.dtype) for name, rows in table.items()})
 
-    def _upload(self, buffers: LoopBuffers, state: np.ndarray, context: np.ndarray,
+    def _upload(self, buffers: LoopBuffers, state: np.ndarray, conditioning: dict[str, np.ndarray],
                 table: dict[str, np.ndarray]) -> None:
         """One host-to-device copy each, through the page-locked staging of this loop shape."""
-        pairs = [(buffers.host_state, state, buffers.states[0]), (buffers.host_context, context, buffers.context)]
+        pairs = [(buffers.host_state, state, buffers.states[0])]
+        pairs += [(buffers.host_conditioning[name], rows, buffers.conditioning[name]) for name, rows in conditioning.items()]
         pairs += [(buffers.host_table[name], rows, buffers.table[name]) for name, rows in table.items()]
         for staging, array, device in pairs:
             np.copyto(staging, array, casting="unsafe")
@@ -202,7 +207,7 @@ class ResidentLoop:
 
     def _bind(self, buffers: LoopBuffers, step_inputs: dict[str, int], parity: int) -> None:
         source, target = state_buffers_of(parity)
-        addresses = {SAMPLE: buffers.states[source], OUTPUT: buffers.states[target], CONTEXT: buffers.context,
+        addresses = {SAMPLE: buffers.states[source], OUTPUT: buffers.states[target], **buffers.conditioning,
                      **step_inputs, **buffers.extra_outputs}
         for name, address in addresses.items():
             self.runner.set_address(name, address)

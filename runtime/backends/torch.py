@@ -104,10 +104,11 @@ class TorchRunner:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        output_spec = self.record.outputs[0]
         with torch.inference_mode(), exact_fp32(self.placement is not None and self.placement.exact_fp32_on_cuda):
-            output = self.module(*[self._tensor(feeds[s.name]) for s in self.record.inputs])
-            return {output_spec.name: output.to(dtype=getattr(torch, output_spec.dtype)).cpu().numpy()}
+            outputs = self.module(*[self._tensor(feeds[s.name]) for s in self.record.inputs])
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            return {spec.name: output.to(dtype=getattr(torch, spec.dtype)).cpu().numpy()
+                    for spec, output in zip(self.record.outputs, outputs, strict=True)}
 
     def _tensor(self, array: np.ndarray):
         import torch

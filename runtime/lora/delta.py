@@ -44,7 +44,7 @@ def resolved_modules(lora: LoraFile, model: str, ldm_keys: Sequence[str], recipe
     unmatched = [name for name, key in matched.items() if key is None]
     if unmatched:
         raise _unmatched_error(lora, model, recipe, len(names) - len(unmatched), unmatched, table)
-    return {matched[name]: pair for name, pair in names.items()}
+    return {matched[name]: pair for name, pair in names.items() if not matched[name].unused}
 
 
 def _unmatched_error(lora: LoraFile, model: str, recipe: Recipe, matched: int, unmatched: list[str],

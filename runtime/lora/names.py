@@ -23,6 +23,8 @@ from sdrun.recipe import Recipe, TextEncoderConfig, TextEncoderKind
 WEIGHT = ".weight"
 TEXT_MODEL = "text_model."  # transformers' wrapper module (absent from transformers 5 state dicts)
 TEXT_MODELS = ("text_encoder", "text_encoder_2")  # the models of `Recipe.text_encoders`, in order
+HF_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                    "mlp.fc2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,14 @@ class Target:
     key: str
     block: int = 0
     blocks: int = 1
+
+    @property
+    def unused(self) -> bool:
+        """A weight of a block no output reads (an exported graph does not hold it): its delta is dropped."""
+        return not self.key
+
+
+UNUSED = Target("")
 
 
 def module_table(model: str, ldm_keys: Iterable[str], recipe: Recipe) -> dict[str, Target]:
@@ -46,15 +56,23 @@ def module_table(model: str, ldm_keys: Iterable[str], recipe: Recipe) -> dict[st
     if config is None:
         return {}
     paths = _clip_paths(keys) if config.kind is TextEncoderKind.CLIP else _openclip_paths(keys)
+    paths = _unused_block_paths(config) | paths
     table = {}
     for path, target in paths.items():
-        target = dataclasses.replace(target, key=prefix + target.key)
+        target = target if target.unused else dataclasses.replace(target, key=prefix + target.key)
         table[path] = table[TEXT_MODEL + path] = target
     return table
 
 
 def text_encoder_configs(recipe: Recipe) -> dict[str, TextEncoderConfig]:
     return dict(zip(TEXT_MODELS, recipe.text_encoders))
+
+
+def _unused_block_paths(config: TextEncoderConfig) -> dict[str, Target]:
+    """The modules of the blocks past those any output reads (SD2's and SDXL's last CLIP block), which a
+    LoRA trained on the whole encoder adapts."""
+    return {f"{HF_LAYER_PREFIX}{layer}.{module}": UNUSED for layer in range(config.blocks_run, config.layers)
+            for module in HF_LAYER_MODULES}
 
 
 def _unet_paths(keys: list[str], recipe: Recipe) -> dict[str, str]:

@@ -9,6 +9,7 @@ import torch
 from sdcompile.recipes import Recipe
 from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec, resolve_shape
+from sdrun.sdxl_conditioning import SIZE_VALUES, SizeConditioning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,3 +85,20 @@ def dim_multiples(recipe: Recipe) -> dict[str, int]:
 def random_tensor(spec: TensorSpec, binding: ShapeBinding, generator: torch.Generator) -> torch.Tensor:
     """Standard-normal floats of the spec's shape (fp32)."""
     return torch.randn(resolve_shape(spec.dims, binding), generator=generator)
+
+
+def added_conditioning_inputs(recipe: Recipe, batch: str) -> tuple[TensorSpec, ...]:
+    """SDXL's extra UNet inputs, named as diffusers' `added_cond_kwargs`: the pooled text (batch, P) and the
+    six size values (batch, 6) in pixels; none for a UNet without `label_emb`."""
+    if not recipe.unet.adm_in_channels:
+        return ()
+    pooled = next(e for e in recipe.text_encoders if e.pooled_output)
+    return (TensorSpec("text_embeds", "float32", (batch, pooled.width)),
+            TensorSpec("time_ids", "float32", (batch, SIZE_VALUES)))
+
+
+def sample_time_ids(recipe: Recipe, batch: int) -> torch.Tensor:
+    """(batch, 6) plausible size values: original and target at the opt size, a small crop on odd rows."""
+    height, width = recipe.shapes.height.opt, recipe.shapes.width.opt
+    rows = [SizeConditioning(height, width, 16 * (i % 2), 8 * (i % 2), height, width) for i in range(batch)]
+    return torch.tensor(rows, dtype=torch.float32)

@@ -1,12 +1,15 @@
-"""Text encoder: token ids (B, 77) int32 -> text embeddings (B, 77, width)."""
+"""Text encoders: token ids (B, 77) int32 -> text embeddings (B, 77, width); SDXL's second one also
+returns its pooled text (B, width), the UNet's `text_embeds`."""
 from __future__ import annotations
 
 import torch
 
 from sdcompile.components.spec import ComponentSpec
-from sdcompile.recipes import Recipe
+from sdcompile.recipes import Recipe, TextEncoderConfig
 from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec
+
+POOLED_OUTPUT = "pooled_embeddings"
 
 
 class TextEncoderWrapper(torch.nn.Module):
@@ -14,12 +17,11 @@ class TextEncoderWrapper(torch.nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)  # (B, 77, width)
+    def forward(self, input_ids: torch.Tensor):
+        return self.text_encoder(input_ids)  # (B, 77, width), and (B, width) pooled when the encoder pools
 
 
-def _sample(recipe: Recipe, binding: ShapeBinding, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    cfg = recipe.text_encoder
+def _sample_ids(cfg: TextEncoderConfig, binding: ShapeBinding, generator: torch.Generator) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, cfg.vocab_size - 2, (binding.cfg_batch, cfg.context_length),
                         generator=generator, dtype=torch.int32)
     ids[:, 0] = cfg.vocab_size - 2  # <start_of_text>
@@ -27,14 +29,27 @@ def _sample(recipe: Recipe, binding: ShapeBinding, generator: torch.Generator) -
     return {"input_ids": ids}
 
 
-def text_encoder_spec(recipe: Recipe) -> ComponentSpec:
-    cfg = recipe.text_encoder
+def _encoder_spec(model: Component, cfg: TextEncoderConfig, description: str) -> ComponentSpec:
+    pooled = (TensorSpec(POOLED_OUTPUT, "float32", ("cfg_batch", cfg.width)),) if cfg.pooled_output else ()
     return ComponentSpec(
-        name="text_encoder",
-        model=Component.TEXT_ENCODER,
+        name=model.value,
+        model=model,
         inputs=(TensorSpec("input_ids", "int32", ("cfg_batch", cfg.context_length)),),
-        outputs=(TensorSpec("text_embeddings", "float32", ("cfg_batch", cfg.context_length, cfg.width)),),
-        wrap=lambda models, recipe: TextEncoderWrapper(models.text_encoder),
-        sample=_sample,
-        description="CLIP/OpenCLIP text transformer: prompt and negative prompt ids in one batch",
+        outputs=(TensorSpec("text_embeddings", "float32", ("cfg_batch", cfg.context_length, cfg.width)), *pooled),
+        wrap=lambda models, recipe: TextEncoderWrapper(models.component(model)),
+        sample=lambda recipe, binding, generator: _sample_ids(cfg, binding, generator),
+        description=description,
     )
+
+
+def text_encoder_spec(recipe: Recipe) -> ComponentSpec:
+    return _encoder_spec(Component.TEXT_ENCODER, recipe.text_encoder,
+                         "CLIP/OpenCLIP text transformer: prompt and negative prompt ids in one batch")
+
+
+def text_encoder_2_spec(recipe: Recipe) -> ComponentSpec:
+    """SDXL's OpenCLIP bigG: hidden states concatenated after encoder 1's, and the pooled text."""
+    if recipe.text_encoder_2 is None:
+        raise ValueError(f"recipe {recipe.name} has one text encoder")
+    return _encoder_spec(Component.TEXT_ENCODER_2, recipe.text_encoder_2,
+                         "second text transformer (SDXL): hidden states and the pooled text, ids in one batch")

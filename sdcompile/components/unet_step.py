@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sdcompile.components.spec import ComponentSpec, random_tensor
+from sdcompile.components.spec import ComponentSpec, added_conditioning_inputs, random_tensor
+from sdcompile.components.unet import UNetWrapper, sample_added_conditioning
 from sdcompile.recipes import Recipe
 from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec
@@ -19,15 +20,14 @@ from sdrun.samplers.plan import STATE_WIDTH, fused_update_rows
 VERIFY_SAMPLER, VERIFY_EVALUATION = "dpmpp_2m_sde", 5  # an evaluation with stored slots and noise
 
 
-class UNetStepWrapper(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, state, timestep, input_scale, encoder_hidden_states, guidance, update, noise):
-        # state (W, B, 4, h, w); noise (B, 4, h, w); encoder_hidden_states (2B, 77, ctx) as [uncond; cond]
+class UNetStepWrapper(UNetWrapper):
+    def forward(self, state, timestep, input_scale, encoder_hidden_states, *rest):
+        # state (W, B, 4, h, w); noise (B, 4, h, w); encoder_hidden_states (2B, 77, ctx) as [uncond; cond];
+        # rest: SDXL's text_embeds (2B, P) and time_ids (2B, 6), then guidance, update, noise
+        *added, guidance, update, noise = rest
         x_in = input_scale * state[0]
-        uncond, cond = self.unet(torch.cat([x_in, x_in]), timestep, encoder_hidden_states).chunk(2)
+        uncond, cond = self.unet(torch.cat([x_in, x_in]), timestep, encoder_hidden_states,
+                                 *self.label(tuple(added))).chunk(2)
         guided = uncond + guidance * (cond - uncond)
         operands = torch.cat([state, guided[None], noise[None]])  # (W + 2, B, 4, h, w)
         return (update @ operands.flatten(1)).reshape(state.shape)
@@ -43,7 +43,7 @@ def _sample(recipe: Recipe, binding: ShapeBinding, generator: torch.Generator) -
     inputs["input_scale"] = torch.tensor([plan.c_in[e]], dtype=torch.float32)
     inputs["guidance"] = torch.tensor([7.5])
     inputs["update"] = torch.from_numpy(np.ascontiguousarray(fused_update_rows(plan)[e]))
-    return inputs
+    return inputs | sample_added_conditioning(recipe, spec, binding, generator)
 
 
 def unet_step_spec(recipe: Recipe) -> ComponentSpec:
@@ -57,6 +57,7 @@ def unet_step_spec(recipe: Recipe) -> ComponentSpec:
                 TensorSpec("timestep", "float32", (1,)),
                 TensorSpec("input_scale", "float32", (1,)),
                 TensorSpec("encoder_hidden_states", "float32", ("guided_batch", ctx.context_length, cfg.context_dim)),
+                *added_conditioning_inputs(recipe, "guided_batch"),
                 TensorSpec("guidance", "float32", (1,)),
                 TensorSpec("update", "float32", (STATE_WIDTH, STATE_WIDTH + 2)),
                 TensorSpec("noise", "float32", latent)),

@@ -45,6 +45,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = MAX_
     return embedding
 
 
+def size_conditioning(text_embeds: torch.Tensor, time_ids: torch.Tensor, size_embed_dim: int) -> torch.Tensor:
+    """SDXL's y (Podell et al. 2023, §2.2): pooled text (B, P) and six pixel sizes (B, 6) ->
+    [pooled, emb(each size)] (B, P + 6·size_embed_dim), each size embedded as a timestep is."""
+    sizes = timestep_embedding(time_ids.reshape(-1), size_embed_dim).reshape(time_ids.shape[0], -1)  # (B, 6·E)
+    return torch.cat([text_embeds, sizes.to(text_embeds.dtype)], dim=-1)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 and cast back to the input dtype (ldm `util.GroupNorm32`)."""
 

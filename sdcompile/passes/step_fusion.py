@@ -1,6 +1,6 @@
 """Step fusion: wrap a plain UNet graph into one whole denoising step of any sampler.
 
-    state (W,B,C,h,w) ─┬─ x_in = input_scale·state[0] ─ Concat(x_in, x_in) ─▶ UNet(·, t, context (2B,77,D))
+    state (W,B,C,h,w) ─┬─ x_in = input_scale·state[0] ─ Concat(x_in, x_in) ─▶ UNet(·, t, context (2B,77,D)[, added])
                        │      ─▶ Split ─▶ y = uncond + g·(cond − uncond)                 (Ho & Salimans 2022)
                        └──────▶ next_state = update @ [state_0 .. state_{W-1}, y, noise]   (W,B,C,h,w)
 
@@ -8,7 +8,8 @@
 the runtime offers is a linear recurrence over the latent and a few stored tensors, so one graph
 serves them all and a step is one engine call whatever the sampler. The state has a fixed width
 (`STATE_WIDTH`, the widest sampler's); narrower samplers leave the extra slots at zero. Guidance
-1 feeds [cond; cond] as context. The wrapper's nodes stay in fp32 (`wrapper_node_names`).
+1 feeds [cond; cond] as context. SDXL's added conditioning (`text_embeds`, `time_ids`, (2B, ·)) passes
+through like the context. The wrapper's nodes stay in fp32 (`wrapper_node_names`).
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ if TYPE_CHECKING:
     from sdcompile.passes import PassOptions
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL's UNet, both or neither
 UNET_OUTPUT = "latent"
-STEP_INPUTS = ("state", "timestep", "input_scale", "encoder_hidden_states", "guidance", "update", "noise")
 STEP_OUTPUT = "next_state"
 _PREFIX = "unet_step/"
 
@@ -42,7 +43,8 @@ def step_fused_unet(model: onnx.ModelProto) -> onnx.ModelProto:
     fused.CopyFrom(model)
     graph = fused.graph
     _check_conventional_io(fused)
-    inner = {name: f"{_PREFIX}{name}" for name in (*UNET_INPUTS, UNET_OUTPUT)}
+    conditioning = conditioning_inputs(model)
+    inner = {name: f"{_PREFIX}{name}" for name in ("sample", "timestep", *conditioning, UNET_OUTPUT)}
     _rename_values(graph, inner)
     sample = _input(model.graph, "sample")
     latent_type = sample.type.tensor_type.elem_type
@@ -52,21 +54,27 @@ def step_fused_unet(model: onnx.ModelProto) -> onnx.ModelProto:
         _value("state", latent_type, [STATE_WIDTH, *latent_dims]),
         _clone(_input(model.graph, "timestep"), "timestep"),
         _value("input_scale", TensorProto.FLOAT, [1]),
-        _clone(_input(model.graph, "encoder_hidden_states"), "encoder_hidden_states"),
+        *(_clone(_input(model.graph, name), name) for name in conditioning),
         _value("guidance", TensorProto.FLOAT, [1]),
         _value("update", TensorProto.FLOAT, [STATE_WIDTH, STATE_WIDTH + 2]),
         _value("noise", latent_type, latent_dims),
     ])
     graph.ClearField("output")
     graph.output.append(_value(STEP_OUTPUT, latent_type, [STATE_WIDTH, *latent_dims]))
-    before, after = _wrapper_nodes(inner)
+    before, after = _wrapper_nodes(inner, conditioning)
     body = list(graph.node)
     graph.ClearField("node")
     graph.node.extend([*before, *body, *after])
     return fused
 
 
-def _wrapper_nodes(inner: dict[str, str]) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+def conditioning_inputs(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The UNet inputs that stay the same for a whole loop: the context, and SDXL's added conditioning."""
+    names = {i.name for i in model.graph.input}
+    return ("encoder_hidden_states", *(name for name in ADDED_INPUTS if name in names))
+
+
+def _wrapper_nodes(inner: dict[str, str], conditioning: tuple[str, ...]) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
     """Nodes that feed the UNet body, and nodes that consume its output."""
     p = _PREFIX
     first_slot = helper.make_tensor(f"{p}first_slot", TensorProto.INT64, [], [0])
@@ -77,7 +85,7 @@ def _wrapper_nodes(inner: dict[str, str]) -> tuple[list[onnx.NodeProto], list[on
         helper.make_node("Mul", ["input_scale", f"{p}x"], [f"{p}x_in"], name=f"{p}input_scale"),
         helper.make_node("Concat", [f"{p}x_in", f"{p}x_in"], [inner["sample"]], axis=0, name=f"{p}cfg_batch"),
         helper.make_node("Identity", ["timestep"], [inner["timestep"]], name=f"{p}timestep"),
-        helper.make_node("Identity", ["encoder_hidden_states"], [inner["encoder_hidden_states"]], name=f"{p}context"),
+        *(helper.make_node("Identity", [name], [inner[name]], name=f"{p}{name}") for name in conditioning),
     ]
     after = [
         helper.make_node("Split", [inner["latent"]], [f"{p}uncond", f"{p}cond"], axis=0, num_outputs=2,
@@ -115,9 +123,10 @@ def _check_conventional_io(model: onnx.ModelProto) -> None:
     graph = model.graph
     inputs = tuple(i.name for i in graph.input)
     outputs = tuple(o.name for o in graph.output)
-    if set(inputs) != set(UNET_INPUTS) or outputs != (UNET_OUTPUT,):
+    if set(inputs) not in (set(UNET_INPUTS), {*UNET_INPUTS, *ADDED_INPUTS}) or outputs != (UNET_OUTPUT,):
         raise UserError("step fusion needs a UNet graph with conventional I/O.",
-                        expected=f"inputs {', '.join(UNET_INPUTS)} -> output {UNET_OUTPUT}",
+                        expected=f"inputs {', '.join(UNET_INPUTS)} (SDXL: and {', '.join(ADDED_INPUTS)}) "
+                                 f"-> output {UNET_OUTPUT}",
                         got=f"inputs {', '.join(inputs)} -> outputs {', '.join(outputs)}",
                         fix="export the UNet with `sdcompile export --component unet`, or rename its I/O")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -128,17 +128,100 @@ def test_peer_components_equal_our_models(tiny_recipe, family):
         assert error <= 1e-5, f"{family} {name}: rel L2 {error:.3g}"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_peer_tokenizer_gives_our_token_ids(tiny_recipe, family):
+@pytest.mark.parametrize("recipe_name, index, pad_id", [
+    ("tiny", 0, 49407), ("tiny-v", 0, 0), ("tiny-xl", 0, 49407), ("tiny-xl", 1, 0)])
+def test_peer_tokenizer_gives_our_token_ids(recipe_name, index, pad_id):
     from benchmarks import peer
     from sdrun.tokenizer import ClipTokenizer
 
-    recipe = tiny_recipe if family == "sd1" else load_recipe("tiny-v")
-    # No "!": with SD2's pad token "!", transformers reads a literal "!" as the pad token (id 0) where
-    # open_clip reads "!</w>" (256); diffusers' SD2 pipelines share that quirk.
+    # No "!": with the pad token "!" (SD2, SDXL's second tokenizer), transformers reads a literal "!" as the
+    # pad token (id 0) where open_clip reads "!</w>" (256); diffusers' SD2 and SDXL pipelines share that quirk.
     prompts = [PROMPT, "", "A photo of an astronaut riding a horse, 4k, trending on artstation."]
-    pad_id = 49407 if family == "sd1" else 0
     ours = ClipTokenizer.from_file(peer.open_clip_vocab_file())(prompts, pad_id, 77).ids
-    theirs = peer.clip_tokenizer(recipe)(prompts, padding="max_length", max_length=77, truncation=True,
-                                         return_tensors="np").input_ids
+    theirs = peer.clip_tokenizer(load_recipe(recipe_name), index)(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
     np.testing.assert_array_equal(ours, theirs)
+
+
+# --- the SDXL peer on a released-layout file ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_file(tmp_path_factory):
+    """A tiny-xl single file in sd_xl_base_1.0's layout (text towers written by transformers and open_clip)."""
+    from tests.fixtures.released_layout import released_state_dict, write_safetensors
+
+    recipe = load_recipe("tiny-xl")
+    return write_safetensors(released_state_dict(recipe, 3), tmp_path_factory.mktemp("tiny-xl") / "tiny-xl.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_peer(tiny_xl_file):
+    from safetensors.torch import load_file
+
+    from benchmarks.peer import diffusers_pipeline
+
+    return diffusers_pipeline(load_file(str(tiny_xl_file)), load_recipe("tiny-xl"))
+
+
+def test_sdxl_peer_components_equal_our_models(tiny_xl_file, tiny_xl_peer):
+    """The peer's UNet (with its text_time embedding), VAE and both text encoders, converted by diffusers from
+    the file our loader reads, compute what ours do (rel L2 <= 1e-5): hidden states before the final
+    LayerNorm of the penultimate layer, bigG's pooled projection, and the UNet given our y for its inputs."""
+    import torch
+
+    from benchmarks import peer
+    from sdcompile.weights import load_models
+    from sdrun.sdxl_conditioning import SizeConditioning, conditioning_vector
+    from sdrun.tokenizer import ClipTokenizer
+
+    recipe = load_recipe("tiny-xl")
+    models = load_models(recipe, tiny_xl_file)
+    tokenizer = ClipTokenizer.from_file(peer.open_clip_vocab_file())
+    ids, ids_2 = (torch.from_numpy(tokenizer([PROMPT, ""], pad_id, 77).ids).long() for pad_id in (49407, 0))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 77, recipe.unet.context_dim, generator=generator)
+    pooled = torch.randn(2, recipe.text_encoder_2.width, generator=generator)
+    sizes = torch.tensor([SizeConditioning.for_image(64, 64), SizeConditioning(1024, 768, 32, 16, 512, 512)],
+                         dtype=torch.float32)
+    y = torch.from_numpy(conditioning_vector(pooled.numpy(), sizes.numpy(), recipe.unet.size_embed_dim))
+    timesteps = torch.tensor([1.0, 981.0])
+    with torch.no_grad():
+        clip = tiny_xl_peer.text_encoder(ids, output_hidden_states=True)
+        bigg = tiny_xl_peer.text_encoder_2(ids_2, output_hidden_states=True)
+        hidden_2, pooled_2 = models.text_encoder_2(ids_2)
+        added = {"text_embeds": pooled, "time_ids": sizes}
+        pairs = {
+            "text_encoder": (models.text_encoder(ids), clip.hidden_states[-2]),
+            "text_encoder_2": (hidden_2, bigg.hidden_states[-2]),
+            "text_encoder_2 pooled": (pooled_2, bigg.text_embeds),
+            "unet": (models.unet(latents, timesteps, context, y),
+                     tiny_xl_peer.unet(latents, timesteps, encoder_hidden_states=context,
+                                       added_cond_kwargs=added).sample),
+            "vae": (models.vae.decode(latents), tiny_xl_peer.vae.decode(latents).sample),
+        }
+    for name, (ours, theirs) in pairs.items():
+        error = compare(ours.numpy(), theirs.numpy()).rel_l2
+        print(f"\ntiny-xl {name}: rel L2 {error:.3g}")
+        assert error <= 1e-5, f"tiny-xl {name}: rel L2 {error:.3g} > 1e-5"
+
+
+def test_sdxl_peer_encodes_an_empty_negative_prompt(tiny_xl_peer):
+    """As our runtime does, and unlike diffusers' default (`force_zeros_for_empty_prompt`) for a missing one."""
+    import torch
+
+    with torch.no_grad():
+        _, negative, _, negative_pooled = tiny_xl_peer.encode_prompt(PROMPT, negative_prompt="")
+        _, missing, _, missing_pooled = tiny_xl_peer.encode_prompt(PROMPT)
+    assert negative.abs().amax() > 0 and negative_pooled.abs().amax() > 0
+    assert torch.equal(negative, missing) and torch.equal(negative_pooled, missing_pooled)
+
+
+def test_sdxl_peer_runs_two_steps(tiny_xl_peer):
+    from benchmarks.peer import run_peer
+
+    noise = np.random.default_rng(7).standard_normal((1, 4, SIZE // 8, SIZE // 8), dtype=np.float32)
+    images = run_peer(tiny_xl_peer, PROMPT, "", 2, GUIDANCE, noise, SIZE, SIZE)
+    assert images.shape == (1, 3, SIZE, SIZE) and np.isfinite(images).all()
+    assert images.min() >= -1.0 and images.max() <= 1.0

@@ -45,10 +45,10 @@ class Twin:
     merged: Path  # bundle exported with `first_kohya` at SCALE
 
 
-def export(recipe_name, out, *args):
+def export(recipe_name, out, *args, components=BUNDLE_COMPONENTS):
     from sdcompile.cli import cli
 
-    components = [arg for name in BUNDLE_COMPONENTS for arg in ("--component", name)]
+    components = [arg for name in components for arg in ("--component", name)]
     result = CliRunner().invoke(cli, ["export", "--recipe", recipe_name, "--random-weights", "--out", str(out),
                                       *components, "--no-verify", *args])
     assert result.exit_code == 0, result.output
@@ -165,16 +165,23 @@ def test_merged_text_encoder_equals_peft_merged_transformers_encoder(recipe_name
 
 @pytest.mark.parametrize("recipe_name", TWINS)
 def test_run_time_swap_writes_the_merged_weights_bit_for_bit(recipe_name, twins):
+    twin = twins(recipe_name)
+    assert_swap_writes_the_merged_weights(twin.plain, twin.merged, twin.loras["first"], SCALE,
+                                          [name for name in BUNDLE_COMPONENTS if name != "vae_decoder"])
+
+
+def assert_swap_writes_the_merged_weights(plain_root: Path, merged_root: Path, lora: Path, scale: float,
+                                          components: list[str]) -> None:
+    """`lora` swapped into the plain bundle replaces exactly the initializers the merged bundle changed, with
+    the merged bundle's values bit for bit."""
     from sdrun.bundle import open_bundle
     from sdrun.lora import LoraRequest
     from sdrun.lora.swap import lora_overrides
 
-    twin = twins(recipe_name)
-    components = [name for name in BUNDLE_COMPONENTS if name != "vae_decoder"]
-    bundle = open_bundle(twin.plain, lambda manifest: components)
-    overrides, _ = lora_overrides(bundle, components, [LoraRequest(twin.loras["first"], SCALE)])
+    bundle = open_bundle(plain_root, lambda manifest: components)
+    overrides, _ = lora_overrides(bundle, components, [LoraRequest(lora, scale)])
     for component in components:
-        plain, merged = (initializers(root / component / "model.onnx") for root in (twin.plain, twin.merged))
+        plain, merged = (initializers(root / component / "model.onnx") for root in (plain_root, merged_root))
         changed = {name for name, value in merged.items() if not np.array_equal(value, plain[name])}
         swapped = overrides.get(component, {})
         assert changed and set(swapped) == changed, component

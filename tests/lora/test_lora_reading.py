@@ -193,3 +193,18 @@ def test_a_second_text_encoder_lora_is_refused_naming_sdxl(recipe, tmp_path):
     path = save(tmp_path / "te2.safetensors", kohya_tensors({name: wide_pair(0, 32)}))
     with pytest.raises(UserError, match="text_encoder_2.*SDXL"):
         lora_deltas([(read_lora(path), 1.0)], "unet", SHAPES, load_recipe(recipe))
+
+
+def test_modules_of_a_block_no_output_reads_are_dropped_where_the_graph_lacks_its_weights(tmp_path):
+    from sdcompile.recipes import load_recipe
+    from sdrun.lora import lora_deltas, read_lora
+
+    # tiny-xl's CLIP encoder has 2 blocks and SDXL reads the hidden states before the last: an export prunes it
+    layers = "conditioner.embedders.0.transformer.text_model.encoder.layers."
+    modules = {f"lora_te1_text_model_encoder_layers_{i}_mlp_fc2": wide_pair(i, 128, 32) for i in (0, 1)}
+    path = save(tmp_path / "te1.safetensors", kohya_tensors(modules))
+    graph = {f"{layers}0.mlp.fc2.weight": (32, 128)}
+    model = graph | {f"{layers}1.mlp.fc2.weight": (32, 128)}
+    for shapes in (graph, model):
+        deltas = dict(lora_deltas([(read_lora(path), 1.0)], "text_encoder", shapes, load_recipe("tiny-xl"))[0])
+        assert sorted(deltas) == sorted(shapes)

@@ -2,11 +2,12 @@
 
 The weights are a released-layout SDXL file (`tests/fixtures/released_layout.py`); diffusers' UNet, VAE and
 transformers' CLIPTextModel / CLIPTextModelWithProjection hold them through diffusers' single-file
-converters, in a `StableDiffusionXLPipeline`. One random rank-4 LoRA on the UNet (its two-block level
+converters, in the peer's `StableDiffusionXLPipeline` (`benchmarks/peer.py`). One random rank-4 LoRA on the UNet (its two-block level
 included) and both text encoders, saved by diffusers (`unet.`, `text_encoder.`, `text_encoder_2.`), and its
 kohya copy (`lora_unet_`, `lora_te1_`, `lora_te2_`). Merged into our models, the kohya copy gives the
 weights diffusers' `load_lora_weights` + `fuse_lora` (UNet) and PEFT's merge (text encoders) give, bit for
-bit, and so the same outputs (fp32 relative L2: text encoders 1e-5, UNet 5e-5).
+bit, and so the same outputs (fp32 relative L2: text encoders 1e-5, UNet 5e-5). Swapped into a plain
+tiny-xl bundle at run time, the diffusers file writes the initializers the merge wrote, bit for bit.
 """
 from __future__ import annotations
 
@@ -48,14 +49,9 @@ def released(recipe, tmp_path_factory):
 
 def diffusers_xl_pipeline(recipe, released_state):
     """A `StableDiffusionXLPipeline` on the weights of the released file, converted by diffusers."""
-    import diffusers
+    from benchmarks.peer import diffusers_pipeline
 
-    from benchmarks.peer import clip_tokenizer
-    from tests.fixtures.sdxl_peer import sdxl_peer_models
-
-    tokenizer = clip_tokenizer(recipe)
-    return diffusers.StableDiffusionXLPipeline(**sdxl_peer_models(released_state, recipe), tokenizer=tokenizer,
-                                               tokenizer_2=tokenizer, scheduler=diffusers.EulerDiscreteScheduler())
+    return diffusers_pipeline(released_state, recipe)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +183,12 @@ def test_the_diffusers_file_and_its_kohya_copy_merge_alike(recipe, released, lor
         theirs = peft.component(part).state_dict()
         for key, value in kohya.component(part).state_dict().items():
             assert torch.equal(value, theirs[key]), f"{part.value} {key}"
+
+
+def test_run_time_swap_into_an_sdxl_bundle_writes_the_merged_weights(loras, tmp_path):
+    from tests.lora.test_lora_parity import assert_swap_writes_the_merged_weights, export
+
+    components = ["text_encoder", "text_encoder_2", "unet"]
+    plain = export("tiny-xl", tmp_path / "plain", components=components)
+    merged = export("tiny-xl", tmp_path / "lora", "--lora", f"{loras['kohya']}:{SCALE}", components=components)
+    assert_swap_writes_the_merged_weights(plain, merged, loras["diffusers"], SCALE, components)

@@ -6,7 +6,7 @@ import pytest
 from pass_graphs import toy_unet
 
 from sdcompile.passes import PassOptions
-from sdcompile.passes.step_fusion import STEP_INPUTS, StepFusionReport, run, step_fused_unet, wrapper_node_names
+from sdcompile.passes.step_fusion import StepFusionReport, run, step_fused_unet, wrapper_node_names
 from sdrun.samplers.plan import STATE_WIDTH
 from sdrun.errors import UserError
 
@@ -40,7 +40,8 @@ def test_fused_graph_io_and_input_untouched():
     before = model.SerializeToString()
     fused = step_fused_unet(model)
     assert model.SerializeToString() == before
-    assert tuple(i.name for i in fused.graph.input) == STEP_INPUTS
+    assert tuple(i.name for i in fused.graph.input) == ("state", "timestep", "input_scale", "encoder_hidden_states",
+                                                         "guidance", "update", "noise")
     dims = [d.dim_param or d.dim_value for d in fused.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [STATE_WIDTH, "batch", 4, "h", "w"]
     assert [o.name for o in fused.graph.output] == ["next_state"]

@@ -1,6 +1,7 @@
 """One step-fused graph serves every sampler: its latents equal the plain UNet's host loop.
 
-The tiny fp32 bundle on ONNX Runtime, loaded twice (plain `unet` with guidance and the update on
+The tiny fp32 bundle and the tiny-xl twin (SDXL: its added conditioning passes through the step graph)
+on ONNX Runtime, each loaded twice (plain `unet` with guidance and the update on
 the host; `unet_step` with both inside the graph), the same request under every registered
 sampler: the final latents agree within 1e-5 relative L2, with and without guidance, txt2img
 and img2img.
@@ -18,11 +19,12 @@ STEPS = 7
 ETA = {"ddim": 0.5}  # the only sampler that takes eta; the stochastic path of DDIM
 
 
-@pytest.fixture(scope="module")
-def pipelines(tiny_bundle):
+@pytest.fixture(scope="module", params=["tiny", "tiny-xl"])
+def pipelines(request, released_twin):
     from sdrun.session import load_pipeline
 
-    return {fused: load_pipeline(tiny_bundle, "onnxruntime", step_fusion=fused, img2img=True).pipeline
+    bundle = request.getfixturevalue("tiny_bundle") if request.param == "tiny" else released_twin(request.param).bundle
+    return {fused: load_pipeline(bundle, "onnxruntime", step_fusion=fused, img2img=True).pipeline
             for fused in (False, True)}
 
 

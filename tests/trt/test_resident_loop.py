@@ -22,8 +22,10 @@ def feeds(sampler: str, steps: int = 7, guidance: float = 7.5):
     rng = np.random.default_rng(0)
     plan = make_plan(sampler, DDPMSchedule(0.00085, 0.012, 1000), Parameterization.EPS, steps)
     noise = rng.standard_normal(LATENT, dtype=np.float32)
-    context = rng.standard_normal((1 if guidance == 1.0 else 2, 77, 32), dtype=np.float32)
-    return step_feeds(plan, noise, context, guidance, draw_noises(plan, LATENT, rng))
+    rows = 1 if guidance == 1.0 else 2
+    conditioning = {"encoder_hidden_states": rng.standard_normal((rows, 77, 32), dtype=np.float32),
+                    "time_ids": np.full((rows, 6), 64.0, np.float32)}
+    return step_feeds(plan, noise, conditioning, guidance, draw_noises(plan, LATENT, rng))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_a", "plms"])
@@ -53,9 +55,11 @@ def test_state_buffers_alternate_and_the_last_output_is_found():
         assert state_buffers_of(steps - 1)[1] == steps % 2
 
 
-def test_without_guidance_the_context_is_doubled_as_the_fused_graph_expects():
-    assert feeds("ddim", 2, guidance=1.0).context.shape == (2, 77, 32)
-    assert feeds("ddim", 2).context.shape == (2, 77, 32)
+def test_without_guidance_the_conditioning_is_doubled_as_the_fused_graph_expects():
+    for guidance in (1.0, 7.5):
+        conditioning = feeds("ddim", 2, guidance=guidance).conditioning
+        assert {name: rows.shape for name, rows in conditioning.items()} == {"encoder_hidden_states": (2, 77, 32),
+                                                                            "time_ids": (2, 6)}
 
 
 def test_only_static_profiles_can_be_captured():

@@ -59,11 +59,11 @@ def test_every_level_is_ordered(tiny_recipe):
 
 
 def test_default_profile_is_what_export_records(tiny_recipe):
-    from sdcompile.components import COMPONENTS
+    from sdcompile.components import component_spec, recipe_component_names
     from sdcompile.components.spec import input_profile
 
-    for name, make_spec in COMPONENTS.items():
-        spec = make_spec(tiny_recipe)
+    for name in recipe_component_names(tiny_recipe):
+        spec = component_spec(name, tiny_recipe)
         assert profile_from_request(tiny_recipe, spec.inputs, ShapeRequest()) == input_profile(spec, tiny_recipe), name
 
 

@@ -15,9 +15,9 @@ from sdcompile.weights import (SDXL_LDM_PREFIXES, Component, RandomWeights, buil
                                load_models, random_tensor)
 from sdrun.errors import UserError
 from tests.fixtures.released_layout import released_state_dict, write_safetensors
-from tests.fixtures.sdxl_peer import BIGG_PREFIX, sdxl_peer_models
 
 SEED = 5
+BIGG_PREFIX = SDXL_LDM_PREFIXES[Component.TEXT_ENCODER_2] + "model."
 LOGIT_SCALE = BIGG_PREFIX + "logit_scale"
 
 
@@ -148,5 +148,37 @@ class ReadRecorder(dict):
 def write_diffusers_folder(released: dict[str, torch.Tensor], recipe, folder) -> None:
     """unet/, vae/, text_encoder/, text_encoder_2/ as `save_pretrained` writes them, the weights renamed by
     diffusers' own single-file converters (strict loads, so every key is accounted for)."""
-    for name, model in sdxl_peer_models(released, recipe).items():
+    import transformers
+    from diffusers.loaders import single_file_utils as sf
+
+    from benchmarks.peer import vae_config
+    from tests.test_diffusers_parity import diffusers_unet, diffusers_vae
+
+    unet, vae = diffusers_unet(recipe), diffusers_vae(recipe)
+    unet.load_state_dict(sf.convert_ldm_unet_checkpoint(released, dict(unet.config)), strict=True)
+    vae.load_state_dict(sf.convert_ldm_vae_checkpoint(released, vae_config(recipe)), strict=True)
+    clip = transformers.CLIPTextModel(hf_text_config(recipe.text_encoder))
+    load_hf_text(clip, sf.convert_ldm_clip_checkpoint(released))
+    bigg = transformers.CLIPTextModelWithProjection(hf_text_config(recipe.text_encoder_2))
+    load_hf_text(bigg, sf.convert_open_clip_checkpoint(bigg, released, prefix=BIGG_PREFIX))
+    for name, model in {"unet": unet, "vae": vae, "text_encoder": clip, "text_encoder_2": bigg}.items():
         model.save_pretrained(folder / name)
+
+
+def hf_text_config(cfg):
+    import transformers
+
+    from benchmarks.peer import text_config
+
+    return text_config(cfg, transformers)
+
+
+def load_hf_text(model, converted: dict[str, torch.Tensor]) -> None:
+    """Strict load into whichever key layout the installed transformers uses (`text_model.…` or flattened);
+    only the constant `position_ids` buffer may be on one side alone."""
+    wrapper = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
+    state = {(k if k.startswith("text_projection") else wrapper + k.removeprefix("text_model.")): v
+             for k, v in converted.items()}
+    expected, position_ids = set(model.state_dict()), {wrapper + "embeddings.position_ids"}
+    assert set(state) - expected <= position_ids and expected - set(state) <= position_ids
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=expected <= set(state))
