@@ -28,8 +28,8 @@ from sdcompile.memory import return_freed_memory
 # other prompts, seeds and resolutions move activations; two bits of headroom also keep the sum of
 # two values under the threshold finite in fp16 (2·2¹⁴ < 65504), as a residual Add needs.
 RANGE_THRESHOLD = 2.0**14
-# Past half of the convolutions and matrix products in fp32, an fp16 graph saves less than its
-# island borders' Casts cost, and its fp16 remainder is the part the samples vouch for least.
+# Past half of the convolutions and matrix products in fp32, what stays fp16 saves little next to
+# the Casts at every island border, and a graph this hot on one sample is likely hotter on others.
 WHOLE_GRAPH_FRACTION = 0.5
 CAST_HEAVY_OPS = HEAVY_OPS - DEFAULT_FP32_OP_TYPES  # group norms are fp32 whatever the ranges
 RANGE_PART_BYTES = 512 * 1024**2  # weights per session, as verification's parts

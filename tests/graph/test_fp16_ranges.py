@@ -14,6 +14,7 @@ from sdcompile.graph.fp16_policy import Fp16Options, RangeIslands
 from sdcompile.graph.reports import plain_data
 from sdcompile.graph.fp16_ranges import RANGE_THRESHOLD, observed_max_abs, range_islands
 from sdcompile.inspection.fp16_audit import RangeVerdict, describe_ranges
+from sdcompile.passes import optimize_on_disk
 from sdcompile.passes.fp16 import cast_to_fp16
 from sdrun.gates import check_output
 
@@ -150,3 +151,30 @@ def test_values_of_constants_alone_do_not_count():
         [numpy_helper.from_array(np.array([-1e4, 0], np.float32), "big")])
     ranges = range_islands(graph, {"x": 1.0, "mask": 1e8, "y": 1e8})
     assert [k.node for k in ranges.kept] == ["add"] and ranges.kept[0].tensor == "y"
+
+
+def test_optimize_on_disk_finds_the_ranges_of_the_graph_it_casts(decoder, feeds, tmp_path):
+    conv = _last_residual_conv(decoder)
+    source = _save(_scaled(decoder, conv, OVERFLOW_SCALE), tmp_path)
+    _, reports, _ = optimize_on_disk(source, ["cleanup", "fuse-attention", "fp16"], tmp_path / "work",
+                                     range_samples=feeds)
+    precision = reports["fp16"]["precision"]
+    assert precision["range_verdict"] == RangeVerdict.ISLANDS.value and precision["fp32_outside_islands"] == []
+    assert conv.name in [k["node"] for k in precision["ranges"]["kept"]]
+
+
+def test_an_fp16_export_reports_the_range_finder(tmp_path):
+    from sdcompile.bundler import ExportConfig, export_bundle
+    from sdcompile.inspection.artifacts import format_summary, inspect_path
+    from sdcompile.options import Precision
+    from sdcompile.recipes import load_recipe
+    from sdcompile.weights import RandomWeights
+
+    out = tmp_path / "bundle"
+    manifest = export_bundle(ExportConfig(recipe=load_recipe("tiny"), source=RandomWeights(0), out=out,
+                                          components=("text_encoder",), precision=Precision.FP16),
+                             log=lambda line: None)
+    precision = manifest.components["text_encoder"].report["passes"]["fp16"]["precision"]
+    assert precision["range_verdict"] == RangeVerdict.NOTHING_KEPT.value
+    assert precision["ranges"]["threshold"] == RANGE_THRESHOLD and precision["ranges"]["kept"] == []
+    assert "range finder: nothing kept (threshold 16384;" in format_summary(inspect_path(out))
