@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sdrun.recipe import AutoencoderConfig, UNetConfig
+from sdrun.recipe import AutoencoderConfig, Family, Recipe, UNetConfig
 
 # Key prefix of each model in the ldm single-file layout (`model.diffusion_model.input_blocks.0.0.weight`).
 LDM_PREFIXES = {
@@ -26,6 +26,13 @@ SDXL_LDM_PREFIXES = LDM_PREFIXES | {
 }
 # SD1's text encoder: our keys are transformers' `CLIPTextModel` keys under this prefix.
 CLIP_TEXT_PREFIX = "transformer."
+# The OpenCLIP text encoder's blocks (open_clip names) and the same blocks in transformers' `CLIPTextModel`.
+OPENCLIP_BLOCK_PREFIX = "model.transformer.resblocks."
+HF_LAYER_PREFIX = "encoder.layers."
+# open_clip's attention holds q, k, v in one `attn.in_proj_weight` (3·width, width) and `in_proj_bias`
+# (3·width,): row blocks in this order, block i being transformers' `self_attn.{letter}_proj`.
+OPENCLIP_IN_PROJ = "attn.in_proj"
+OPENCLIP_QKV_ORDER = "qkv"
 
 # diffusers ResnetBlock2D leaf -> ldm ResBlock leaf (UNet).
 UNET_RESNET_LEAVES = {
@@ -50,6 +57,11 @@ OPENCLIP_LAYER_LEAVES = {
     "mlp.fc2": "mlp.c_proj",
     "self_attn.out_proj": "attn.out_proj",
 }
+
+
+def ldm_prefixes(recipe: Recipe) -> dict[str, str]:
+    """Key prefix of each of the recipe's models in its family's ldm single file."""
+    return dict(SDXL_LDM_PREFIXES if recipe.family is Family.SDXL else LDM_PREFIXES)
 
 
 def renamed(key: str, table: Mapping[str, str]) -> str:

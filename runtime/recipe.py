@@ -129,6 +129,16 @@ class TextEncoderConfig:
     context_length: int = 77
     pooled_output: bool = False  # also return ln_final at the end token @ text_projection (SDXL's encoder 2)
 
+    @property
+    def hidden_state_blocks(self) -> int:
+        """How many transformer blocks feed the output hidden states."""
+        return self.layers if self.output_layer is TextOutputLayer.LAST else self.layers - 1
+
+    @property
+    def blocks_run(self) -> int:
+        """How many transformer blocks feed any output (the pooled one runs them all)."""
+        return self.layers if self.pooled_output else self.hidden_state_blocks
+
 
 @dataclasses.dataclass(frozen=True)
 class ShapeRange:

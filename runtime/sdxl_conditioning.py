@@ -3,7 +3,9 @@
 y = [pooled text (P), emb(original h), emb(original w), emb(crop top), emb(crop left), emb(target h),
 emb(target w)], each emb the 256-wide sinusoidal embedding of the UNet's timestep (cos first, frequencies
 10000^(−i/half)); the UNet's `label_emb` MLP maps y to the width of the timestep embedding and adds it.
-numpy only, so that the runtime builds y without torch; the compiler's tests check it against diffusers.
+The runtime feeds the six values (`SizeConditioning`, the UNet graph's `time_ids`) and the exported graph
+embeds them; `conditioning_vector` states y independently in numpy (float64), which the tests hold both
+the graph's embedding and diffusers' against.
 """
 from __future__ import annotations
 

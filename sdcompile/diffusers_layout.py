@@ -23,14 +23,15 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from sdcompile.recipes import AutoencoderConfig, TextEncoderConfig, TextEncoderKind, TextOutputLayer, UNetConfig
-from sdrun.diffusers_names import (OPENCLIP_LAYER_LEAVES, VAE_ATTENTION_CONV_LEAVES, renamed, unet_prefix_table,
+from sdrun.diffusers_names import (HF_LAYER_PREFIX, OPENCLIP_BLOCK_PREFIX, OPENCLIP_IN_PROJ, OPENCLIP_LAYER_LEAVES,
+                                   OPENCLIP_QKV_ORDER, VAE_ATTENTION_CONV_LEAVES, renamed, unet_prefix_table,
                                    vae_prefix_table)
 
 StateDict = dict[str, torch.Tensor]
 
 OPENCLIP_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature (Radford et al. 2021, §2.5)
-_HF_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
-_HF_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+_HF_QKV = re.compile(rf"{re.escape(HF_LAYER_PREFIX)}(\d+)\.self_attn\.([{OPENCLIP_QKV_ORDER}])_proj\.(weight|bias)")
+_HF_LAYER = re.compile(rf"{re.escape(HF_LAYER_PREFIX)}(\d+)\.(.+)")
 
 
 # --- generic --------------------------------------------------------------------------------------------
@@ -118,11 +119,11 @@ def _openclip_key(hf_key: str) -> str:
     if layer is None:
         return hf_key
     leaf = renamed(layer.group(2), OPENCLIP_LAYER_LEAVES)
-    return f"model.transformer.resblocks.{layer.group(1)}.{leaf}"
+    return f"{OPENCLIP_BLOCK_PREFIX}{layer.group(1)}.{leaf}"
 
 
 def _stacked_in_projections(qkv: Mapping[str, torch.Tensor]) -> StateDict:
-    """Per layer, q/k/v projections -> `attn.in_proj_{weight,bias}` stacked [q; k; v] along dim 0.
+    """Per layer, q/k/v projections -> `attn.in_proj_{weight,bias}` stacked along dim 0 (`OPENCLIP_QKV_ORDER`).
 
     A layer missing one of the three keeps its keys under their original names.
     """
@@ -132,9 +133,9 @@ def _stacked_in_projections(qkv: Mapping[str, torch.Tensor]) -> StateDict:
         groups.setdefault((layer, kind), {})[letter] = key
     out: StateDict = {}
     for (layer, kind), keys in groups.items():
-        if set(keys) == {"q", "k", "v"}:
-            stacked = torch.cat([qkv[keys[letter]] for letter in "qkv"], dim=0)
-            out[f"model.transformer.resblocks.{layer}.attn.in_proj_{kind}"] = stacked
+        if set(keys) == set(OPENCLIP_QKV_ORDER):
+            stacked = torch.cat([qkv[keys[letter]] for letter in OPENCLIP_QKV_ORDER], dim=0)
+            out[f"{OPENCLIP_BLOCK_PREFIX}{layer}.{OPENCLIP_IN_PROJ}_{kind}"] = stacked
         else:
             out |= {key: qkv[key] for key in keys.values()}
     return out
@@ -149,7 +150,7 @@ def is_unused_openclip_key(key: str, config: TextEncoderConfig) -> bool:
         return False
     if key == "model.text_projection":
         return True
-    last_block = f"model.transformer.resblocks.{config.layers - 1}."
+    last_block = f"{OPENCLIP_BLOCK_PREFIX}{config.layers - 1}."
     return config.output_layer is not TextOutputLayer.LAST and key.startswith(last_block)
 
 

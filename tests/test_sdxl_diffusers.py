@@ -28,7 +28,7 @@ from sdcompile.recipes import TokenizerPadding, load_recipe
 from sdcompile.weights import (Component, RandomWeights, StableDiffusionModels, load_models, randomize_parameters_,
                                read_checkpoint, save_ldm_checkpoint)
 from sdrun.metrics import compare
-from sdrun.sdxl_conditioning import SizeConditioning, conditioning_vector
+from tests.models.model_checks import sdxl_added_conditioning
 
 RECIPES = ["tiny-xl", pytest.param("sdxl", marks=pytest.mark.slow)]
 SEED = 21
@@ -210,14 +210,10 @@ def test_sdxl_unet_matches_diffusers(recipe_name):
     generator = torch.Generator().manual_seed(SEED)
     latents = torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE, generator=generator)
     context = torch.randn(2, 77, sdxl.unet.context_dim, generator=generator)
-    pooled = torch.randn(2, sdxl.text_encoder_2.width, generator=generator)
-    sizes = torch.tensor([SizeConditioning.for_image(1024, 1024), SizeConditioning(768, 1344, 64, 32, 1024, 1024)],
-                         dtype=torch.float32)
-    y = torch.from_numpy(conditioning_vector(pooled.numpy(), sizes.numpy(), sdxl.unet.size_embed_dim))
+    added, y = sdxl_added_conditioning(sdxl.unet, generator=generator)
     timesteps = torch.tensor([1.0, 981.0])
     with torch.no_grad():
-        expected = theirs(latents, timesteps, encoder_hidden_states=context,
-                          added_cond_kwargs={"text_embeds": pooled, "time_ids": sizes}).sample
+        expected = theirs(latents, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
         assert_parity(f"{recipe_name} unet", unet(latents, timesteps, context, y), expected)
 
 

@@ -15,11 +15,12 @@ import numpy as np
 
 from sdrun.bundle import WEIGHT_MAP_NAME as WEIGHT_MAP
 from sdrun.bundle import Bundle
-from sdrun.diffusers_names import LDM_PREFIXES
+from sdrun.diffusers_names import ldm_prefixes
 from sdrun.errors import UserError
 from sdrun.external_data import read_external
 from sdrun.lora.delta import lora_deltas
 from sdrun.lora.file import LoraFile, read_lora
+from sdrun.lora.names import check_models_exist
 from sdrun.lora.request import LoraRequest, lora_record
 from sdrun.recipe import Recipe
 
@@ -30,13 +31,15 @@ def lora_overrides(bundle: Bundle, components: Sequence[str],
                    requests: Sequence[LoraRequest]) -> tuple[Overrides, list[dict]]:
     """The initializers `requests` change in each of `components`, and per LoRA its record."""
     files = [read_lora(request.path) for request in requests]
+    for lora in files:
+        check_models_exist((model for model, _ in lora.modules), bundle.recipe, lora.path)
     loras = [(lora, request.scale) for lora, request in zip(files, requests)]
     adapted = {model for lora in files for model, _ in lora.modules}
     touched: list[dict[str, int]] = [{} for _ in requests]
     overrides: Overrides = {}
     for name in components:
         weight_map = _weight_map(bundle, name)
-        model = _model_of(weight_map)
+        model = _model_of(weight_map, bundle.recipe)
         if model not in adapted:
             continue
         overrides[name], counts = _component_overrides(bundle.graph_path(name), weight_map, model, loras,
@@ -56,10 +59,10 @@ def _weight_map(bundle: Bundle, component: str) -> dict[str, dict]:
     return json.loads(path.read_text())["initializers"]
 
 
-def _model_of(weight_map: dict[str, dict]) -> str | None:
+def _model_of(weight_map: dict[str, dict], recipe: Recipe) -> str | None:
     """The model whose weights the graph holds, by the ldm key prefix of its checkpoint tensors."""
     keys = [entry["checkpoint"] for entry in weight_map.values()]
-    for model, prefix in LDM_PREFIXES.items():
+    for model, prefix in ldm_prefixes(recipe).items():
         if keys and all(key.startswith(prefix) for key in keys):
             return model
     return None

@@ -38,7 +38,7 @@ def activation_module(activation: TextActivation) -> nn.Module:
 
 def blocks_to_run(config: TextEncoderConfig) -> int:
     """How many transformer blocks feed the output hidden states."""
-    return config.layers if config.output_layer is TextOutputLayer.LAST else config.layers - 1
+    return config.hidden_state_blocks
 
 
 def applies_final_norm(config: TextEncoderConfig) -> bool:

@@ -6,9 +6,10 @@ import enum
 
 import torch
 
-from sdcompile.recipes import Family, Recipe
+from sdcompile.recipes import Recipe
 from sdrun.diffusers_names import LDM_PREFIXES as LDM_KEY_PREFIXES
 from sdrun.diffusers_names import SDXL_LDM_PREFIXES as SDXL_KEY_PREFIXES
+from sdrun.diffusers_names import ldm_prefixes as ldm_key_prefixes
 
 StateDict = dict[str, torch.Tensor]
 
@@ -27,7 +28,7 @@ SDXL_LDM_PREFIXES = {Component(name): prefix for name, prefix in SDXL_KEY_PREFIX
 
 def ldm_prefixes(recipe: Recipe) -> dict[Component, str]:
     """Key prefix of each of the recipe's models in its family's ldm single file."""
-    return dict(SDXL_LDM_PREFIXES if recipe.family is Family.SDXL else LDM_PREFIXES)
+    return {Component(name): prefix for name, prefix in ldm_key_prefixes(recipe).items()}
 
 
 def recipe_components(recipe: Recipe) -> tuple[Component, ...]:

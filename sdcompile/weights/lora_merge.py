@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 
 from sdcompile.recipes import Recipe
-from sdcompile.weights.layout import LDM_PREFIXES, Component
+from sdcompile.weights.layout import Component, ldm_prefixes
 from sdcompile.weights.loading import StableDiffusionModels, build_models
 from sdrun.errors import UserError
 from sdrun.lora import LoraFile, LoraRequest, lora_deltas, lora_record, read_lora
 from sdrun.lora.file import PICKLED_SUFFIXES, lora_from_tensors
 from sdrun.lora.delta import fitted_modules
+from sdrun.lora.names import check_models_exist
 
-MERGED_MODELS = (Component.UNET, Component.TEXT_ENCODER)
+MERGED_MODELS = (Component.UNET, Component.TEXT_ENCODER, Component.TEXT_ENCODER_2)
 
 
 class LoraMerge:
@@ -25,18 +26,19 @@ class LoraMerge:
         self.requests, self.recipe = tuple(requests), recipe
         self.files = [read_lora_file(request.path) for request in self.requests]
         self.touched: list[dict[str, int]] = [{} for _ in self.requests]
-        for lora in self.files:
-            _check_models(lora)
         if self.files:
             self._check_fit()
 
     def _check_fit(self) -> None:
-        """Every LoRA module matches a weight it fits, checked on shapes alone (models built on the meta
-        device), so a bad LoRA is refused before any model loads."""
+        """Every LoRA module is of one of the recipe's models and matches a weight it fits, checked on shapes
+        alone (models built on the meta device), so a bad LoRA is refused before any model loads."""
+        for lora in self.files:
+            check_models_exist((model for model, _ in lora.modules), self.recipe, lora.path)
         with torch.device("meta"):
             modules = build_models(self.recipe, parts=MERGED_MODELS)
+        prefixes = ldm_prefixes(self.recipe)
         for part, module in modules.items():
-            shapes = {LDM_PREFIXES[part] + key: tuple(value.shape) for key, value in module.state_dict().items()}
+            shapes = {prefixes[part] + key: tuple(value.shape) for key, value in module.state_dict().items()}
             for lora in self.files:
                 fitted_modules(lora, part.value, shapes, self.recipe)
 
@@ -44,7 +46,7 @@ class LoraMerge:
         if not self.files or part not in MERGED_MODELS:
             return
         state = models.component(part).state_dict()
-        prefix = LDM_PREFIXES[part]
+        prefix = models.prefixes[part]
         shapes = {prefix + key: tuple(value.shape) for key, value in state.items()}
         loras = [(lora, request.scale) for lora, request in zip(self.files, self.requests)]
         deltas, touched = lora_deltas(loras, part.value, shapes, self.recipe)
@@ -77,12 +79,3 @@ def read_lora_file(path: Path) -> LoraFile:
                         fix="save the LoRA's state dict, or a .safetensors copy")
     tensors = {key: value.detach().float().numpy() for key, value in state.items()}
     return lora_from_tensors(path, tensors, {})
-
-
-def _check_models(lora: LoraFile) -> None:
-    known = {part.value for part in MERGED_MODELS}
-    foreign = sorted({model for model, _ in lora.modules} - known)
-    if foreign:
-        raise UserError(f"LoRA {lora.path.name} adapts {', '.join(foreign)}, which this model does not have.",
-                        expected=f"modules of {' and '.join(sorted(known))}",
-                        fix="use a LoRA made for this model family (lora_te2_ / text_encoder_2 keys are SDXL's)")

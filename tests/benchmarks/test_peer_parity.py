@@ -172,8 +172,8 @@ def test_sdxl_peer_components_equal_our_models(tiny_xl_file, tiny_xl_peer):
 
     from benchmarks import peer
     from sdcompile.weights import load_models
-    from sdrun.sdxl_conditioning import SizeConditioning, conditioning_vector
     from sdrun.tokenizer import ClipTokenizer
+    from tests.models.model_checks import sdxl_added_conditioning
 
     recipe = load_recipe("tiny-xl")
     models = load_models(recipe, tiny_xl_file)
@@ -182,16 +182,12 @@ def test_sdxl_peer_components_equal_our_models(tiny_xl_file, tiny_xl_peer):
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
     context = torch.randn(2, 77, recipe.unet.context_dim, generator=generator)
-    pooled = torch.randn(2, recipe.text_encoder_2.width, generator=generator)
-    sizes = torch.tensor([SizeConditioning.for_image(64, 64), SizeConditioning(1024, 768, 32, 16, 512, 512)],
-                         dtype=torch.float32)
-    y = torch.from_numpy(conditioning_vector(pooled.numpy(), sizes.numpy(), recipe.unet.size_embed_dim))
+    added, y = sdxl_added_conditioning(recipe.unet, generator=generator)
     timesteps = torch.tensor([1.0, 981.0])
     with torch.no_grad():
         clip = tiny_xl_peer.text_encoder(ids, output_hidden_states=True)
         bigg = tiny_xl_peer.text_encoder_2(ids_2, output_hidden_states=True)
         hidden_2, pooled_2 = models.text_encoder_2(ids_2)
-        added = {"text_embeds": pooled, "time_ids": sizes}
         pairs = {
             "text_encoder": (models.text_encoder(ids), clip.hidden_states[-2]),
             "text_encoder_2": (hidden_2, bigg.hidden_states[-2]),

@@ -47,7 +47,7 @@ CASES = {
     "nan": (lambda p: kohya_file(p, {Q: ((RANK, 32), (32, RANK))}, fill=np.nan), "NaN"),
     "truncated": (truncated, "truncated"),
     "sdxl_text_encoder": (lambda p: kohya_file(p, {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (
-        (RANK, 32), (32, RANK))}), "text_encoder_2"),
+        (RANK, 32), (32, RANK))}), "text_encoder_2. keys are SDXL's"),
 }
 
 
@@ -95,7 +95,7 @@ def test_other_backends_refuse_run_time_loras(backend, message, tiny_bundle, tmp
     assert code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["foreign", "shape", "nan", "truncated"])
+@pytest.mark.parametrize("case", ["foreign", "shape", "nan", "truncated", "sdxl_text_encoder"])
 def test_export_refuses_a_bad_lora_and_writes_no_bundle(case, tmp_path, capsys):
     from sdcompile.cli import main
 

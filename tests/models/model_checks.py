@@ -27,3 +27,16 @@ def perturbed_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
         for param in module.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
     return module.eval()
+
+
+def sdxl_added_conditioning(config, batch: int = 2, generator: torch.Generator | None = None):
+    """Pooled text (B, P) and size values (B, 6) for a UNet config with `label_emb`, as diffusers takes them
+    (`added_cond_kwargs`), and our y (B, adm) from them by the independent numpy statement."""
+    from sdrun.sdxl_conditioning import SIZE_VALUES, SizeConditioning, conditioning_vector
+
+    generator = generator or torch.Generator().manual_seed(2)
+    pooled = torch.randn(batch, config.adm_in_channels - SIZE_VALUES * config.size_embed_dim, generator=generator)
+    sizes = torch.tensor([SizeConditioning(1024, 768, 0, 0, 1024, 1024),
+                          SizeConditioning(512, 512, 32, 16, 768, 1024)][:batch], dtype=torch.float32)
+    y = torch.from_numpy(conditioning_vector(pooled.numpy(), sizes.numpy(), config.size_embed_dim))
+    return {"text_embeds": pooled, "time_ids": sizes}, y

@@ -5,14 +5,13 @@ import dataclasses
 
 import pytest
 import torch
-from model_checks import rel_l2
+from model_checks import rel_l2, sdxl_added_conditioning
 from reference_keys import reference_shapes
 
 from sdcompile import diffusers_layout
 from sdcompile.models.attention import AttentionImpl
 from sdcompile.models.unet import UNetModel, timestep_embedding
 from sdcompile.recipes import load_recipe
-from sdrun.sdxl_conditioning import SizeConditioning, conditioning_vector
 from tests.test_diffusers_parity import SDXL_BASE_DIFFUSERS_CONFIG, diffusers_unet
 
 ATTENTION_IMPL_REL_L2 = 1e-6  # SDPA vs explicit softmax attention, relative L2 of the UNet output
@@ -161,17 +160,6 @@ def diffusers_unet_with_our_weights(recipe_name: str):
     ours = UNetModel(recipe.unet).eval()
     ours.load_state_dict(diffusers_layout.unet_from_diffusers(theirs.state_dict(), recipe.unet), strict=True)
     return ours, theirs
-
-
-def sdxl_added_conditioning(config, batch: int, seed: int = 2):
-    """Pooled text (B, P) and size values (B, 6), as diffusers takes them, and our y (B, adm) from them."""
-    gen = torch.Generator().manual_seed(seed)
-    pooled_width = config.adm_in_channels - 6 * config.size_embed_dim
-    pooled = torch.randn(batch, pooled_width, generator=gen)
-    sizes = torch.tensor([SizeConditioning(1024, 768, 0, 0, 1024, 1024),
-                          SizeConditioning(512, 512, 32, 16, 768, 1024)][:batch], dtype=torch.float32)
-    y = torch.from_numpy(conditioning_vector(pooled.numpy(), sizes.numpy(), config.size_embed_dim))
-    return {"text_embeds": pooled, "time_ids": sizes}, y
 
 
 @pytest.mark.parametrize("recipe_name", ["tiny", "tiny-v", "tiny-xl"])
