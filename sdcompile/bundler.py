@@ -162,8 +162,7 @@ def _eager_phase(name: str, models, config: ExportConfig, work: Path, log) -> _T
     phases = _PhaseClock(name, log)
     checked = references = None
     if config.verify:
-        checked = spec.sample(config.recipe, verify_binding(config.recipe),
-                              torch.Generator().manual_seed(config.seed + 1))
+        checked = _verification_inputs(spec, config)
         references = eager_outputs(module, checked)
         phases.done("eager reference")
     graph = None
@@ -198,7 +197,8 @@ def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized
     else:
         passes = default_passes(config.precision)
         model, pass_report, source_dir = optimize_on_disk(traced.graph, passes, traced.graph.parent.parent / "passes",
-                                                          attention_target=config.attention_target)
+                                                          attention_target=config.attention_target,
+                                                          range_samples=_range_samples(traced, config))
         phases.done(f"passes {', '.join(passes)}")
     directory = staging / spec.name
     directory.mkdir()
@@ -222,6 +222,18 @@ def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized
         inputs=spec.inputs, outputs=spec.outputs, profile=input_profile(spec, config.recipe),
         precision=config.precision.value, passes=tuple(passes), report=report)
     return record, (source_dir / "model.onnx", sources)
+
+
+def _verification_inputs(spec: ComponentSpec, config: ExportConfig) -> dict:
+    return spec.sample(config.recipe, verify_binding(config.recipe), torch.Generator().manual_seed(config.seed + 1))
+
+
+def _range_samples(traced: _Traced, config: ExportConfig) -> dict[str, np.ndarray] | None:
+    """The fp16 range finder's inputs: the verification inputs (made for it alone under --no-verify)."""
+    if config.precision is not Precision.FP16:
+        return None
+    checked = traced.checked if traced.checked is not None else _verification_inputs(traced.spec, config)
+    return {k: v.numpy() for k, v in checked.items()}
 
 
 def check_attention_opset(opset: int, target: AttentionTarget) -> None:

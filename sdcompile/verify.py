@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdcompile.graph.partition import run_in_parts
+from sdcompile.graph.partition import cpu_session, run_in_parts
 from sdcompile.options import Precision
 from sdrun.errors import UserError
 from sdrun.gates import check_output
@@ -31,7 +31,7 @@ def verify_graph(name: str, references: tuple[np.ndarray, ...], inputs: dict, gr
     data. The sessions share no memory with an eager model: the caller has freed it. `graph` is best in
     external-data form, which ONNX Runtime maps instead of parsing into memory; it runs in parts of at most
     `VERIFY_PART_BYTES` of weights each (`graph.partition`)."""
-    outputs = run_in_parts(graph, {k: v.numpy() for k, v in inputs.items()}, VERIFY_PART_BYTES, _cpu_session)
+    outputs = run_in_parts(graph, {k: v.numpy() for k, v in inputs.items()}, VERIFY_PART_BYTES, cpu_session)
     verdicts = []
     for (value, actual), expected in zip(outputs.items(), references):
         verdict = check_output(value, value, expected, actual, precision.value)
@@ -40,21 +40,6 @@ def verify_graph(name: str, references: tuple[np.ndarray, ...], inputs: dict, gr
             raise _failed(name, verdict, precision)
         verdicts.append(verdict.to_dict())
     return verdicts
-
-
-def _cpu_session(graph: Path):
-    """An ONNX Runtime CPU session that keeps one copy of the weights: no pre-packed duplicates, no graph
-    optimizations (which on an fp16 graph fold the Casts ONNX Runtime's CPU kernels need into fp32 copies
-    of the weights), and no memory arena, which grows in powers of two and keeps what it grew to — for
-    an fp16 part, twice the fp32 copies its kernels make. The graph is checked as written, node by node."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
 
 def _failed(name: str, verdict, precision: Precision) -> UserError:

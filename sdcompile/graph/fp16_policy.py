@@ -3,7 +3,9 @@
 A node is in an island when
 0. its operator schema has no fp16 variant for its float outputs (Range-11: float/double/int);
 1. its op type is in `keep_fp32_op_types` (default below, each with its reason), or its name is
-   in `keep_fp32_node_names`;
+   in `keep_fp32_node_names`, or the range finder (graph/fp16_ranges.py) kept it: a value it
+   computes or reads reached past the headroom threshold on sample inputs (`ranges`; with
+   `ranges.whole_graph`, every node is in the island);
 2. it feeds (through cheap elementwise / data-movement ops, back to graph inputs or constants)
    an op in `keep_fp32_upstream_of` — the timestep embedding `t · freqs` before Sin/Cos, whose
    arguments reach ~1000 where fp16's spacing is 0.5 rad;
@@ -63,6 +65,36 @@ CHAIN_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Neg", "Cast", "Unsqueeze", "
                        "Reciprocal", "ConstantOfShape", "Constant"})
 
 
+@dataclass(frozen=True)
+class RangeKeep:
+    """A node kept in fp32 because a value it computes or reads went past the threshold."""
+    node: str
+    op: str
+    tensor: str       # the value past the threshold: one of the node's outputs or inputs
+    max_abs: float    # max |x| of `tensor` on the sample inputs (inf when fp32 overflowed too)
+    threshold: float
+
+
+@dataclass(frozen=True)
+class RangeIslands:
+    """What the range finder decided for one graph."""
+    threshold: float
+    kept: tuple[RangeKeep, ...]  # graph order
+    heavy_kept: int              # heavy ops the default policy casts (fp16_ranges.CAST_HEAVY_OPS) in `kept`
+    heavy_total: int             # ... and in the graph
+    whole_graph: bool            # so many heavy ops past the threshold that the graph stays fp32
+
+    @property
+    def node_names(self) -> frozenset[str]:
+        return frozenset(k.node for k in self.kept)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RangeIslands:
+        """The inverse of `plain_data` (a pass report as stored in a manifest)."""
+        return cls(data["threshold"], tuple(RangeKeep(**k) for k in data["kept"]), data["heavy_kept"],
+                   data["heavy_total"], data["whole_graph"])
+
+
 class IoDtype(enum.Enum):
     """Element type of the float graph inputs and outputs after casting."""
     FP32 = "fp32"  # callers keep feeding and reading float32; Casts sit at the borders
@@ -75,6 +107,7 @@ class Fp16Options:
     keep_fp32_node_names: frozenset[str] = frozenset()
     keep_fp32_upstream_of: frozenset[str] | None = None  # None: DEFAULT_FP32_UPSTREAM_OF
     io_dtype: IoDtype = IoDtype.FP32
+    ranges: RangeIslands | None = None  # None: no range finder (rule 1 of the module doc)
 
     @property
     def fp32_op_types(self) -> frozenset[str]:
@@ -88,8 +121,8 @@ class Fp16Options:
                 else frozenset(self.keep_fp32_upstream_of))
 
 
-def _declared(node: gs.Node, options: Fp16Options) -> bool:
-    return node.op in options.fp32_op_types or node.name in options.keep_fp32_node_names
+def _declared(node: gs.Node, options: Fp16Options, ranged: frozenset[str]) -> bool:
+    return node.op in options.fp32_op_types or node.name in options.keep_fp32_node_names or node.name in ranged
 
 
 def _fp32_only(node: gs.Node, opset: int) -> bool:
@@ -136,8 +169,11 @@ def _sandwiched(node: gs.Node, island: set[int], dtypes: dict[str, int], graph_o
 
 def fp32_island_nodes(graph: gs.Graph, options: Fp16Options, dtypes: dict[str, int]) -> set[int]:
     """ids of the nodes that compute in fp32 under `options` (rules 0-3 of the module doc)."""
+    if options.ranges is not None and options.ranges.whole_graph:
+        return {id(n) for n in graph.nodes}
+    ranged = frozenset() if options.ranges is None else options.ranges.node_names
     island = {id(n) for n in graph.nodes
-              if _declared(n, options) or _fp32_only(n, graph.opset)}
+              if _declared(n, options, ranged) or _fp32_only(n, graph.opset)}
     for node in graph.nodes:
         if node.op in options.fp32_upstream_of:
             island.update(id(n) for n in _upstream_chain(node))

@@ -33,17 +33,20 @@ class Part:
     outputs: tuple[str, ...]  # values later parts or the graph's outputs read
 
 
-def plan_parts(graph: onnx.GraphProto, budget: int) -> list[Part]:
-    """The cuts for `graph` (one part when its initializers fit `budget`, or when a node holds a subgraph,
-    whose outer-scope reads this plan does not follow)."""
+def plan_parts(graph: onnx.GraphProto, budget: int, max_nodes: int | None = None) -> list[Part]:
+    """The cuts for `graph`: also after every `max_nodes` nodes when given (one part when its initializers
+    fit `budget` and its nodes `max_nodes`, or when a node holds a subgraph, whose outer-scope reads this
+    plan does not follow)."""
     sizes = {t.name: tensor_nbytes(t) for t in graph.initializer}
     nodes = graph.node
-    if sum(sizes.values()) <= budget or any(_has_subgraph(n) for n in nodes):
+    few = max_nodes is None or len(nodes) <= max_nodes
+    if (few and sum(sizes.values()) <= budget) or any(_has_subgraph(n) for n in nodes):
         return [_part(graph, 0, len(nodes), sizes)]
     bounds, held, first = [], 0, 0
     for index, node in enumerate(nodes):
         weight = sum(sizes.get(name, 0) for name in set(node.input))
-        if held and held + weight > budget:
+        full = max_nodes is not None and index - first >= max_nodes
+        if full or (held and held + weight > budget):
             bounds.append((first, index))
             first, held = index, 0
         held += weight
@@ -79,6 +82,21 @@ def part_model(model: onnx.ModelProto, part: Part, feeds: dict[str, np.ndarray])
     sub = helper.make_graph(nodes, f"{graph.name}-part{part.first}", inputs, outputs,
                             initializer=[t for t in graph.initializer if t.name in read])
     return helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def cpu_session(graph: Path):
+    """An ONNX Runtime CPU session that keeps one copy of the weights: no pre-packed duplicates, no graph
+    optimizations (which on an fp16 graph fold the Casts ONNX Runtime's CPU kernels need into fp32 copies
+    of the weights), and no memory arena, which grows in powers of two and keeps what it grew to — for
+    an fp16 part, twice the fp32 copies its kernels make. The graph is checked as written, node by node."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
 
 def run_in_parts(path: Path, feeds: dict[str, np.ndarray], budget: int, session) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ def _inspect_bundle(bundle: Path) -> dict:
     manifest = read_manifest(bundle)
     components = {}
     for name, record in manifest.components.items():
-        summary = _inspect_graph(bundle / record.graph, _declared_fp32(record))
+        summary = _inspect_graph(bundle / record.graph, _declared_fp32(record), _range_islands(record))
         summary["precision"]["declared"] = record.precision
         components[name] = {"passes": list(record.passes), "profile": record.profile,
                             "engines": list(record.engines), **summary,
@@ -28,8 +28,9 @@ def _inspect_bundle(bundle: Path) -> dict:
             "weights_sha256": manifest.weights_sha256, "tools": manifest.tools, "components": components}
 
 
-def _inspect_graph(graph: Path, fp32_node_names=()) -> dict:
-    """`fp32_node_names`: nodes declared fp32 beyond the default islands (e.g. the step-fusion update)."""
+def _inspect_graph(graph: Path, fp32_node_names=(), ranges=None) -> dict:
+    """`fp32_node_names`: nodes declared fp32 beyond the default islands (e.g. the step-fusion update);
+    `ranges`: what the range finder kept at export (`fp16_policy.RangeIslands`)."""
     from sdcompile.graph.fp16_policy import Fp16Options
     from sdcompile.inspection.summary import graph_summary
     from sdcompile.graph.external import inside
@@ -38,7 +39,7 @@ def _inspect_graph(graph: Path, fp32_node_names=()) -> dict:
     graph = Path(graph).resolve()  # read from inside its own directory
     with inside(graph.parent):  # the weights stay in their data file; what is read, is read from there
         summary = graph_summary(load_onnx(graph, with_data=False),
-                                Fp16Options(keep_fp32_node_names=frozenset(fp32_node_names)))
+                                Fp16Options(keep_fp32_node_names=frozenset(fp32_node_names), ranges=ranges))
     summary["size_bytes"] = sum(p.stat().st_size for p in _graph_files(graph))
     return summary
 
@@ -46,6 +47,14 @@ def _inspect_graph(graph: Path, fp32_node_names=()) -> dict:
 def _declared_fp32(record) -> list[str]:
     """Nodes a pass declared fp32 on purpose (the step-fusion update), beyond the default islands."""
     return record.report.get("passes", {}).get("step-fusion", {}).get("fp32_node_names", [])
+
+
+def _range_islands(record):
+    """What the range finder kept when the fp16 pass ran (None: it did not run)."""
+    from sdcompile.graph.fp16_policy import RangeIslands
+
+    ranges = record.report.get("passes", {}).get("fp16", {}).get("precision", {}).get("ranges")
+    return None if ranges is None else RangeIslands.from_dict(ranges)
 
 
 def _graph_files(graph: Path) -> list[Path]:
@@ -83,7 +92,16 @@ def _format_graph(name: str, s: dict) -> str:
                      f"({precision['fp32_island_nodes']} in fp32 islands, {len(outside)} outside)")
     else:
         lines.append(f"  compute: {precision['fp32_nodes']} fp32 nodes (an fp32 graph)")
+    if precision.get("ranges") is not None:
+        lines += [f"  {line}" for line in _describe_ranges(precision["ranges"])]
     return "\n".join(lines)
+
+
+def _describe_ranges(ranges: dict) -> list[str]:
+    from sdcompile.graph.fp16_policy import RangeIslands
+    from sdcompile.inspection.fp16_audit import describe_ranges
+
+    return describe_ranges(RangeIslands.from_dict(ranges))
 
 
 def _source(source: dict) -> str:

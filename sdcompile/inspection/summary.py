@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 from sdcompile.graph.attention_match import AttentionKind, count_fused_attention, find_attention
 from sdcompile.graph.dtypes import dtype_name, onnx_dtype
 from sdcompile.graph.fp16_policy import Fp16Options
+from sdcompile.graph.reports import plain_data
 from sdcompile.graph.shape_inference import has_unknown_shapes, weight_bytes, with_inferred_shapes
 from sdcompile.inspection.fp16_audit import audit_precision
 
@@ -56,5 +57,7 @@ def graph_summary(model: onnx.ModelProto, fp16_options: Fp16Options | None = Non
             "fp32_nodes": audit.fp32_nodes,
             "fp32_island_nodes": len(audit.fp32_island_nodes),
             "fp32_outside_islands": list(audit.fp32_outside_islands),
+            "range_verdict": audit.range_verdict.value,
+            "ranges": plain_data(audit.ranges),
         },
     }

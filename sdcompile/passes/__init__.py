@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from sdcompile.graph.external import inside, load_structure, spill
 from sdcompile.graph.fp16_policy import Fp16Options, IoDtype
+from sdcompile.graph.fp16_ranges import range_islands_from_samples
 from sdcompile.graph.pass_result import PassResult
 from sdcompile.graph.reports import plain_data
 from sdcompile.graph.shape_inference import check_model_types
@@ -96,12 +98,15 @@ def optimize_model(model: onnx.ModelProto, passes: Sequence[str],
 
 
 def optimize_on_disk(path: Path, passes: Sequence[str], work: Path, options: PassOptions | None = None, *,
-                     attention_target: AttentionTarget | None = None) -> tuple[onnx.ModelProto, dict, Path]:
+                     attention_target: AttentionTarget | None = None,
+                     range_samples: Mapping[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict, Path]:
     """`optimize_model` for the graph at `path` with its weights left on disk (`sdcompile.graph.external`).
 
     Each pass runs on the previous result's structure inside its directory; what it returns is spilled
     into `work/<i>-<pass>/` (and the step before removed), so memory holds the graph and at most the
-    tensors one pass creates. Returns (the optimized structure, the reports, the directory its data is in).
+    tensors one pass creates. With `range_samples` (graph inputs), the fp16 pass also keeps in fp32 what
+    the range finder (`graph.fp16_ranges`) finds on them in the graph it is about to cast, which runs in
+    parts beside it. Returns (the optimized structure, the reports, the directory its data is in).
     """
     _check_names(passes)
     options = _with_target(options or PassOptions(), attention_target)
@@ -109,17 +114,25 @@ def optimize_on_disk(path: Path, passes: Sequence[str], work: Path, options: Pas
     model, directory, reports = load_structure(path), path.parent, {}
     for index, name in enumerate(passes):
         owned = directory.parent == work  # a step of ours, not the caller's source
+        step_options = replace(options, scratch=directory if owned else None)
+        if name == "fp16" and range_samples is not None:
+            step_options = _with_ranges(step_options, path, range_samples)
         with inside(directory):
-            model, reports[name] = run_pass(name, model, replace(options, scratch=directory if owned else None))
+            model, reports[name] = run_pass(name, model, step_options)
         step = work / f"{index}-{name}"
         step.mkdir(parents=True)
         spill(model, step / "model.onnx", directory)
         if owned:
             shutil.rmtree(directory)
-        directory = step
+        directory, path = step, step / "model.onnx"
     with inside(directory):
         check_model_types(model)
     return model, reports, directory
+
+
+def _with_ranges(options: PassOptions, graph: Path, samples: Mapping[str, np.ndarray]) -> PassOptions:
+    ranges = range_islands_from_samples(graph, samples)
+    return replace(options, fp16=replace(options.fp16 or Fp16Options(), ranges=ranges))
 
 
 __all__ = [

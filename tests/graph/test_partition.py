@@ -49,6 +49,13 @@ def test_parts_hold_at_most_the_budget_and_cover_every_node_once():
     assert plan_parts(graph, LAYERS * WEIGHT_BYTES) == [plan_parts(graph, 10**12)[0]]
 
 
+def test_parts_hold_at_most_max_nodes_when_given():
+    graph = residual_stack().graph
+    parts = plan_parts(graph, 10**12, max_nodes=5)
+    assert len(graph.node) == 16 and [p.stop - p.first for p in parts] == [5, 5, 5, 1]
+    assert parts[-1].stop == len(graph.node)
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(np.float32, 0.0), (np.float16, 2e-3)])
 def test_running_in_parts_equals_the_whole_graph(tmp_path, dtype, tolerance):
     spill(residual_stack(dtype), tmp_path / "model.onnx", None)
