@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= build/demo
 BENCH_ARGS ?=
 BENCH_RECIPES ?= tiny tiny-xl
+TINY_WEIGHTS ?= recipes/weights/tiny-shapes.safetensors
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench train-tiny clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,10 @@ demo: $(STAMP)
 # Every tiny twin's pipeline benchmark, one results set per recipe.
 bench: $(STAMP)
 	for recipe in $(BENCH_RECIPES); do $(PY) -m benchmarks --recipe $$recipe $(BENCH_ARGS) || exit 1; done
+
+# Train tiny-shapes from seed 0 on generated shapes (the whole machine for up to 45 minutes); CI never runs it.
+train-tiny: $(STAMP)
+	$(PY) -m benchmarks.shapes.train --seed 0 --out $(TINY_WEIGHTS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -9,7 +9,7 @@ from sdrun.errors import UserError
 
 
 def test_builtin_recipes_load():
-    assert available_recipes() == ["sd15", "sd21", "sd21-base", "sdxl", "tiny", "tiny-v", "tiny-xl"]
+    assert available_recipes() == ["sd15", "sd21", "sd21-base", "sdxl", "tiny", "tiny-shapes", "tiny-v", "tiny-xl"]
     for name in available_recipes():
         assert load_recipe(name).name == name
 
