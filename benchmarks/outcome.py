@@ -51,9 +51,14 @@ class PeerResult:
     latency: Stats  # one end-to-end pipeline call
     gate: Verdict
     images: np.ndarray  # (P, H, W, 3) uint8
+    pipeline: str = "StableDiffusionPipeline"  # the diffusers class the peer ran
+
+    @property
+    def name(self) -> str:
+        return f"diffusers {self.pipeline} + DDIMScheduler"
 
     def to_dict(self) -> dict:
-        return {"name": "diffusers StableDiffusionPipeline + DDIMScheduler (eager fp32)",
+        return {"name": f"{self.name} (eager fp32)",
                 "build_seconds": self.build_seconds, "accuracy": {"image": self.image},
                 "latency": self.latency.to_dict(), "gate": self.gate.to_dict()}
 

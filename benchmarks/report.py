@@ -150,7 +150,7 @@ def peer_table(result: BenchResult) -> str:
     p = result.peer
     row = [f"{p.build_seconds:.1f}", f"{p.latency.median_ms:.1f} / {p.latency.p90_ms:.1f}",
            f"{p.image['max_abs']:.2e}", _db(p.image["psnr_db"]), f"{p.image['ssim']:.6f}", _verdict(p.gate)]
-    return ("## Peer: diffusers StableDiffusionPipeline + DDIMScheduler, eager fp32, same weights\n\n"
+    return (f"## Peer: {p.name}, eager fp32, same weights\n\n"
             "Image accuracy on float images in [-1, 1] before quantisation.\n\n"
             + table(["build s (imports included)", "total ms med / p90", "image max abs", "PSNR dB", "SSIM",
                      "gate"], [row]))

@@ -235,4 +235,4 @@ def peer_result(found: Peer, reference: Reference, latency: Stats, log) -> PeerR
     stats = accuracy.image_statistics(np.clip(reference.decoded, -1.0, 1.0), found.images, gates.DECODED_RANGE)
     log(f"diffusers peer: {latency.median_ms:.1f} ms end to end, image max abs {stats['max_abs']:.3g}")
     return PeerResult(found.build_seconds, stats, latency, accuracy.peer_gate("diffusers peer image", stats),
-                      to_uint8(found.images))
+                      to_uint8(found.images), type(found.pipe).__name__)
