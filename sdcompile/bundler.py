@@ -22,7 +22,7 @@ from sdcompile.components.spec import ComponentSpec, dim_multiples, input_profil
 from sdcompile.export import name_io_dims, trace_to_file
 from sdcompile.fingerprint import WeightsDigest
 from sdcompile.graph.external import inside, load_structure, save_graph, spill
-from sdcompile.memory import return_freed_memory
+from sdcompile.memory import peak_gib, resident_gib, return_freed_memory
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
 from sdcompile.passes import default_passes, optimize_on_disk, run_pass
 from sdcompile.recipes import Recipe, TokenizerPadding
@@ -257,8 +257,8 @@ class _PhaseClock:
         now = time.perf_counter()
         self.seconds[phase] = round(now - self._last, 2)
         self._last = now
-        self.log(f"[{self.component}] {phase}: {self.seconds[phase]:.1f} s, {_resident_gib():.1f} GiB resident "
-                 f"(peak {_peak_gib():.1f} GiB)")
+        self.log(f"[{self.component}] {phase}: {self.seconds[phase]:.1f} s, {resident_gib():.1f} GiB resident "
+                 f"(peak {peak_gib():.1f} GiB)")
 
     def resume(self) -> None:
         """The next phase starts now: the time since the last one was other components' work."""
@@ -266,26 +266,6 @@ class _PhaseClock:
 
     def total(self) -> float:
         return round(sum(self.seconds.values()), 2)
-
-
-def _resident_gib() -> float:
-    """Current resident set size (Linux /proc; 0 elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
-
-
-def _peak_gib() -> float:
-    """The process's peak resident set size so far (getrusage: KiB on Linux, bytes on macOS)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
 def _with_bases(names: list[str], recipe: Recipe) -> list[str]:
