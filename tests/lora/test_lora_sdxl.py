@@ -185,6 +185,7 @@ def test_the_diffusers_file_and_its_kohya_copy_merge_alike(recipe, released, lor
             assert torch.equal(value, theirs[key]), f"{part.value} {key}"
 
 
+@pytest.mark.slow  # two tiny-xl exports (~2 min on 2 cores); the export merge is checked above
 def test_run_time_swap_into_an_sdxl_bundle_writes_the_merged_weights(loras, tmp_path):
     from tests.lora.test_lora_parity import assert_swap_writes_the_merged_weights, export
 
