@@ -8,8 +8,7 @@ from sdcompile.components.spec import ComponentSpec
 from sdcompile.recipes import Recipe, TextEncoderConfig
 from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec
-
-POOLED_OUTPUT = "pooled_embeddings"
+from sdrun.pipeline import POOLED_OUTPUT
 
 
 class TextEncoderWrapper(torch.nn.Module):
