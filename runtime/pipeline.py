@@ -223,12 +223,13 @@ def complete_request(request: GenerationRequest, recipe: Recipe) -> GenerationRe
     """Fill None fields from the recipe and validate everything before any heavy work."""
     filled = dataclasses.replace(
         request,
-        **(_size_defaults(request, recipe) if recipe.unet.adm_in_channels else {}),
         steps=recipe.default_steps if request.steps is None else request.steps,
         guidance=recipe.default_guidance if request.guidance is None else request.guidance,
         height=recipe.default_height if request.height is None else request.height,
         width=recipe.default_width if request.width is None else request.width,
         sampler=recipe.default_sampler if request.sampler is None else request.sampler)
+    if recipe.unet.adm_in_channels:
+        filled = dataclasses.replace(filled, **_size_defaults(filled))
     validate_request(filled, recipe, img2img=request.image is not None)
     return dataclasses.replace(filled, validated=True)
 
@@ -261,10 +262,10 @@ def size_conditioning(request: GenerationRequest) -> SizeConditioning:
     return SizeConditioning(*request.original_size, *request.crop, *request.target_size)
 
 
-def _size_defaults(request: GenerationRequest, recipe: Recipe) -> dict:
-    """SDXL's defaults: original and target size the output size, no crop (diffusers' pipeline does the same)."""
-    size = (recipe.default_height if request.height is None else request.height,
-            recipe.default_width if request.width is None else request.width)
+def _size_defaults(request: GenerationRequest) -> dict:
+    """SDXL's defaults for a request whose output size is filled in: original and target size the output
+    size, no crop (diffusers' pipeline does the same)."""
+    size = (request.height, request.width)
     return {"original_size": request.original_size or size, "crop": request.crop or (0, 0),
             "target_size": request.target_size or size}
 
