@@ -15,6 +15,8 @@ any other sampler diffusers' (`sdrun.samplers.registry.img2img_first_step`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -219,8 +221,9 @@ def _check_batchable(requests: Sequence[GenerationRequest], recipe: Recipe) -> N
                         fix="send fewer images per batch, or widen shapes.batch in the recipe and re-export")
 
 
-def complete_request(request: GenerationRequest, recipe: Recipe) -> GenerationRequest:
-    """Fill None fields from the recipe and validate everything before any heavy work."""
+def complete_request(request: GenerationRequest, recipe: Recipe, img2img: bool | None = None) -> GenerationRequest:
+    """Fill None fields from the recipe and validate everything before any heavy work. `img2img` None: whether
+    the request has an image; True validates img2img's options for an image read afterwards at the filled size."""
     filled = dataclasses.replace(
         request,
         steps=recipe.default_steps if request.steps is None else request.steps,
@@ -230,11 +233,12 @@ def complete_request(request: GenerationRequest, recipe: Recipe) -> GenerationRe
         sampler=recipe.default_sampler if request.sampler is None else request.sampler)
     if recipe.unet.adm_in_channels:
         filled = dataclasses.replace(filled, **_size_defaults(filled))
-    validate_request(filled, recipe, img2img=request.image is not None)
+    validate_request(filled, recipe, img2img=request.image is not None if img2img is None else img2img)
     return dataclasses.replace(filled, validated=True)
 
 
 def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) -> None:
+    _check_finite_numbers(request)
     if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
         raise UserError("steps must be a positive integer.", got=repr(request.steps), fix="e.g. --steps 50")
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or request.seed < 0:
@@ -255,6 +259,19 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
             raise UserError("--init-noise has the wrong shape.", expected=str(expected),
                             got=str(tuple(request.init_noise.shape)),
                             fix="save (batch, 4, height/8, width/8) float32 noise with numpy.save")
+
+
+FLOAT_OPTIONS = {"guidance": "--guidance 7.5", "eta": "--eta 0", "strength": "--strength 0.75"}  # with an example
+
+
+def _check_finite_numbers(request: GenerationRequest) -> None:
+    """NaN or inf would run the whole loop and then look like an fp16 overflow: refused first."""
+    for name, example in FLOAT_OPTIONS.items():
+        value = getattr(request, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not math.isfinite(value)):
+            raise UserError(f"{name} must be a finite number.", expected="a number, not NaN or infinity",
+                            got=repr(value), fix=f"e.g. {example}")
 
 
 def size_conditioning(request: GenerationRequest) -> SizeConditioning:
