@@ -1,6 +1,7 @@
 """`sdrun`: generate images from a compiled bundle (no torch needed)."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -9,8 +10,19 @@ import click
 from sdrun import __version__
 from sdrun.backends import BACKEND_CHOICES, TORCH_DTYPES
 from sdrun.errors import debug_option, run_cli
+from sdrun.image_input import DEFAULT_RESIZE_MODE, ResizeMode
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, which lets NaN and inf through its bounds, refusing them."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 @click.group(name="sdrun", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sdrun")
@@ -63,7 +75,7 @@ def generation_options(command):
         click.option("--quiet", is_flag=True, help="no progress bar or timing table"),
         click.option("--server", metavar="URL", help="generate on a running `sdrun serve` (http://HOST:PORT) "
                                                      "instead of a local bundle"),
-        click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+        click.option("--timeout", type=FiniteFloatRange(min=1), default=600.0, show_default=True,
                      help="with --server: seconds to wait for the image"),
     ]
     for option in reversed(options):
@@ -91,15 +103,23 @@ def txt2img_command(**options) -> None:
 @generation_options
 @click.option("--image", type=click.Path(path_type=Path), required=True, help="input image")
 @click.option("--strength", type=float, default=0.75, show_default=True, help="fraction of the schedule re-run, (0, 1]")
-def img2img_command(image, strength, **options) -> None:
-    """Transform an image guided by a text prompt."""
-    _generate(options, image=image, strength=strength)
+@click.option("--resize-mode", type=click.Choice([mode.value for mode in ResizeMode]),
+              default=DEFAULT_RESIZE_MODE.value, show_default=True,
+              help="how the image reaches the output size: stretch it; scale to cover and centre-crop; or scale to "
+                   "fit and stretch the edge pixels over the rest")
+def img2img_command(image, strength, resize_mode, **options) -> None:
+    """Transform an image guided by a text prompt.
+
+    The output has --height x --width (default: the recipe's size), whatever the input's size; any
+    image PIL reads is taken upright by its EXIF orientation, transparency composited onto white.
+    """
+    _generate(options, image=image, strength=strength, resize_mode=resize_mode)
 
 
-def _generate(options: dict, image: Path | None, strength: float | None) -> None:
+def _generate(options: dict, image: Path | None, strength: float | None, resize_mode: str | None = None) -> None:
     from sdrun.generate import GenerateJob, run_job
 
-    job = GenerateJob(**options, image=image, strength=strength)
+    job = GenerateJob(**options, image=image, strength=strength, resize_mode=resize_mode)
     report = run_job(job, echo=lambda line: click.echo(line, err=True),
                      progress=None if options["quiet"] else _progress_bar())
     for path in report:
@@ -114,7 +134,7 @@ def _generate(options: dict, image: Path | None, strength: float | None) -> None
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--max-batch", type=int, help="images per denoising loop [default: the bundle's batch profile max]")
-@click.option("--max-queue-delay-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+@click.option("--max-queue-delay-ms", type=FiniteFloatRange(min=0), default=5.0, show_default=True,
               help="how long a loop waits for more requests of its size, steps and sampler (0: no batching wait)")
 @click.option("--instances", type=int, default=1, show_default=True,
               help="pipelines running loops side by side (each loads its own runners)")

@@ -13,10 +13,10 @@ from sdrun.backends import BackendOptions
 from sdrun.backends.base import StageTimer
 from sdrun.bundle import Bundle
 from sdrun.errors import UserError, stage
-from sdrun.images import image_pixels, output_paths, parameters_text, read_image, write_png
+from sdrun.image_input import DEFAULT_RESIZE_MODE, ResizeMode, load_image, read_pixels
+from sdrun.images import model_image, output_paths, parameters_text, write_png
 from sdrun.lora import parse_lora_option, prompt_lora_tags
 from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
-from sdrun.recipe import Recipe
 from sdrun.samplers import resolve_sampler
 from sdrun.sampling import DEFAULT_SAMPLER
 from sdrun.session import open_for_run, pipeline_on
@@ -39,6 +39,7 @@ class GenerateJob:
     init_noise: Path | None = None
     image: Path | None = None
     strength: float | None = None
+    resize_mode: str | None = None  # how the image reaches the output size (`ResizeMode`); None: just-resize
     threads: int | None = None  # ONNX Runtime intra-op threads; None: ONNX Runtime's default
     cuda_graph: bool = False  # TensorRT: replay a captured denoising step
     sampler: str | None = None  # None: the recipe's default
@@ -74,7 +75,11 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     prompt, tagged = prompt_lora_tags(job.prompt, job.lora_dir)
     loras = [*(parse_lora_option(text) for text in job.lora), *tagged]
     bundle = open_for_run(job.bundle, img2img=img2img)
-    request = complete_request(_request(dataclasses.replace(job, prompt=prompt), bundle.recipe), bundle.recipe)
+    request = complete_request(_request(dataclasses.replace(job, prompt=prompt)), bundle.recipe, img2img=img2img)
+    if img2img:
+        with stage("reading the input image"):
+            pixels = load_image(job.image, request.width, request.height, job.resize_mode)
+        request = dataclasses.replace(request, image=model_image(pixels))
     with stage(f"loading the {job.backend} backend"):
         loaded = pipeline_on(bundle, job.backend, options, echo, loras=loras)
     backend = loaded.backend
@@ -106,13 +111,22 @@ def run_remote(job: GenerateJob) -> Path:
               "guidance": job.guidance, "seed": job.seed, "height": job.height, "width": job.width,
               "sampler": job.sampler}
     if job.image is not None:
-        image = read_image(job.image, job.width, job.height, multiple=8)
-        values |= {"image": image_pixels(image), "strength": job.strength,
-                   "height": None, "width": None}
+        values |= {"image": remote_image(job), "strength": job.strength}
     model = TXT2IMG if job.image is None else IMG2IMG
     image, parameters = remote_generate(job.server, model, request_tensors(model, values), job.timeout)
     write_png(job.out, image, parameters)
     return job.out
+
+
+def remote_image(job: GenerateJob) -> np.ndarray:
+    """(H, W, 3) uint8: at --width x --height when both are given; else at its own size, which the server
+    stretches to the size it fills in (the default resize mode)."""
+    if job.width and job.height:
+        return load_image(job.image, job.width, job.height, job.resize_mode)
+    if ResizeMode(job.resize_mode or DEFAULT_RESIZE_MODE) is not DEFAULT_RESIZE_MODE:
+        raise UserError(f"--resize-mode {job.resize_mode} with --server needs the output size.",
+                        fix="add --width and --height, or drop --resize-mode")
+    return read_pixels(job.image)
 
 
 def backend_options(job: GenerateJob) -> BackendOptions:
@@ -183,15 +197,13 @@ def timing_table(timer: StageTimer, steps: int | None, load_seconds: float, lora
     return "\n".join([*out, line])
 
 
-def _request(job: GenerateJob, recipe: Recipe) -> GenerationRequest:
-    """The job as a request, with its image and noise files read (defaults are filled by the pipeline)."""
-    image = read_image(job.image, job.width, job.height, recipe.size_multiple) if job.image else None
-    height = job.height or (image.shape[2] if image is not None else None)
-    width = job.width or (image.shape[3] if image is not None else None)
+def _request(job: GenerateJob) -> GenerationRequest:
+    """The job as a request with its noise file read; the image is read once the request is validated and its
+    size filled in (--height/--width, else the recipe's default: the image's own size may be outside the profile)."""
     return GenerationRequest(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
-        seed=job.seed, height=height, width=width, batch=job.batch, eta=job.eta,
-        init_noise=_load_noise(job.init_noise) if job.init_noise else None, image=image,
+        seed=job.seed, height=job.height, width=job.width, batch=job.batch, eta=job.eta,
+        init_noise=_load_noise(job.init_noise) if job.init_noise else None,
         strength=job.strength if job.strength is not None else 0.75, sampler=job.sampler, karras=job.karras,
         spacing=job.spacing, original_size=_pair(job.original_size), crop=_pair(job.crop),
         target_size=_pair(job.target_size))

@@ -1,4 +1,5 @@
-"""Image files at the edges: reading img2img inputs, writing PNGs with generation parameters."""
+"""Images at the edges: the pipeline's float layout and PNGs written with generation parameters
+(input files are read by `sdrun.image_input`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from sdrun.atomic import write_atomic
-from sdrun.errors import UserError
 
 
 def parameters_text(prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int,
@@ -36,28 +36,6 @@ def write_png(path: Path, image: np.ndarray, parameters: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     write_atomic(path, lambda temp: Image.fromarray(image).save(temp, format="PNG", pnginfo=info))
-
-
-def read_image(path: Path, width: int | None, height: int | None, multiple: int) -> np.ndarray:
-    """(1, 3, H, W) float32 in [-1, 1]; without a size, the image's own rounded down to `multiple`."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"input image {path} does not exist.", fix="pass an existing image file") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read {path} as an image ({err}).", expected="a PNG/JPEG/WebP image",
-                        fix="convert the file to PNG") from None
-    w = width or image.width - image.width % multiple
-    h = height or image.height - image.height % multiple
-    if w < multiple or h < multiple:
-        raise UserError(f"input image {path} is too small.", expected=f"at least {multiple}x{multiple}",
-                        got=f"{image.width}x{image.height}", fix="use a larger image")
-    if (w, h) != image.size:
-        image = image.resize((w, h), resample=Image.LANCZOS)
-    return model_image(np.asarray(image))
 
 
 HALF_LEVELS = 127.5  # uint8 [0, 255] <-> [-1, 1]

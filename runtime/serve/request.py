@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from sdrun.errors import UserError
+from sdrun.image_input import fit_pixels
 from sdrun.images import model_image
 from sdrun.pipeline import GenerationRequest, complete_request
 from sdrun.recipe import Recipe
@@ -16,7 +17,8 @@ from sdrun.serve.contract import IMG2IMG, MAX_PROMPT_BYTES, SCALAR, TensorSpec, 
 
 def decode_request(tensors: Mapping[str, np.ndarray], model: str, recipe: Recipe) -> GenerationRequest:
     """One request's tensors (shapes as `contract` states them), completed from the recipe and validated
-    as `sdrun txt2img` validates its options."""
+    as `sdrun txt2img` validates its options; an img2img image is stretched to the request's size (its
+    height/width, else the recipe's default), as `sdrun img2img` does by default."""
     specs = {spec.name: spec for spec in model_inputs(model)}
     unknown = sorted(set(tensors) - set(specs))
     if unknown:
@@ -26,16 +28,18 @@ def decode_request(tensors: Mapping[str, np.ndarray], model: str, recipe: Recipe
     if "prompt" not in values:
         raise UserError("the request has no prompt.", expected="a BYTES input 'prompt' of shape [1]",
                         fix="send the prompt as UTF-8 text")
-    image = values.get("image")
+    if model == IMG2IMG and "image" not in values:
+        raise UserError("the img2img request has no image.", expected="a UINT8 input 'image' of shape [H, W, 3]",
+                        fix="send the input image")
     request = GenerationRequest(
         prompt=values["prompt"], negative_prompt=values.get("negative_prompt", ""), steps=values.get("steps"),
         guidance=values.get("guidance"), seed=values.get("seed", 0), height=values.get("height"),
-        width=values.get("width"), sampler=values.get("sampler"),
-        image=None if image is None else model_image(image),
-        strength=values.get("strength", 0.75))
-    if model == IMG2IMG:
-        request = _with_image_size(request)
-    return complete_request(request, recipe)
+        width=values.get("width"), sampler=values.get("sampler"), strength=values.get("strength", 0.75))
+    completed = complete_request(request, recipe, img2img=model == IMG2IMG)
+    if model != IMG2IMG:
+        return completed
+    pixels = fit_pixels(values["image"], completed.width, completed.height)
+    return dataclasses.replace(completed, image=model_image(pixels))
 
 
 def _value(spec: TensorSpec, array: np.ndarray):
@@ -64,13 +68,3 @@ def _text(name: str, value) -> str:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"input {name} is not UTF-8 text.", fix=f"encode {name} as UTF-8") from None
-
-
-def _with_image_size(request: GenerationRequest) -> GenerationRequest:
-    """img2img runs at the image's size; a height or width that differs from it is refused."""
-    height, width = request.image.shape[2:]
-    for axis, given, actual in (("height", request.height, height), ("width", request.width, width)):
-        if given is not None and given != actual:
-            raise UserError(f"the request's {axis} {given} differs from its image's {actual}.",
-                            fix=f"resize the image to the size wanted, or drop {axis}")
-    return dataclasses.replace(request, height=int(height), width=int(width))

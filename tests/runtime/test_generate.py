@@ -1,6 +1,7 @@
 """`sdrun txt2img` / `img2img` on the tiny fp32 bundle: outputs, reproducibility and bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from sdrun.cli import cli
-from sdrun.errors import UserError
+from sdrun.cli import cli, main
+from sdrun.errors import USAGE_EXIT_CODE, UserError
 from sdrun.pipeline import GenerationRequest
 from sdrun.session import load_pipeline
 
@@ -23,6 +24,16 @@ def _run(*args):
         return 2, str(result.exception)
     assert result.exception is None, result.exception
     return 0, result.output
+
+
+def sdrun(capsys, *args) -> tuple[int, str]:
+    """(exit code, stderr) of `sdrun ARGS` through its real entry point (click's own errors included)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    return code, capsys.readouterr().err
 
 
 def _txt2img(bundle, out, *extra):
@@ -112,6 +123,40 @@ def test_bad_strength(tiny_bundle, tmp_path, strength):
     assert code == 2 and "strength" in text and not (tmp_path / "bad.png").exists()
 
 
+NON_FINITE = [("txt2img", "--guidance", "nan", "guidance must be a finite number"),
+              ("txt2img", "--guidance", "inf", "guidance must be a finite number"),
+              ("txt2img", "--eta", "nan", "eta must be a finite number"),
+              ("img2img", "--strength", "nan", "strength must be a finite number"),
+              ("img2img", "--strength", "-inf", "strength must be a finite number"),
+              ("img2img", "--guidance", "-inf", "guidance must be a finite number"),
+              ("txt2img", "--timeout", "inf", "'inf' is not a finite number"),
+              ("txt2img", "--seed", "nan", "'nan' is not a valid integer"),
+              ("img2img", "--height", "inf", "'inf' is not a valid integer")]
+
+
+@pytest.mark.parametrize("command, option, value, message", NON_FINITE)
+def test_non_finite_numbers_are_refused_up_front(command, option, value, message, tiny_bundle, tmp_path, capsys):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in.png")
+    image = ["--image", tmp_path / "in.png"] if command == "img2img" else []
+    code, err = sdrun(capsys, command, "--bundle", tiny_bundle, "--prompt", "x", "--quiet", *image,
+                      option, value, "--out", tmp_path / "bad.png")
+    assert code == USAGE_EXIT_CODE and message in err and "fp16" not in err, err
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_serve_refuses_a_non_finite_queue_delay(tiny_bundle, capsys):
+    code, err = sdrun(capsys, "serve", "--bundle", tiny_bundle, "--max-queue-delay-ms", "nan")
+    assert code == USAGE_EXIT_CODE and "'nan' is not a finite number" in err
+
+
+def test_strength_is_named_before_an_odd_sized_image_is_read(tiny_bundle, tmp_path, capsys):
+    Image.fromarray(np.zeros((300, 200, 3), np.uint8)).save(tmp_path / "in.png")
+    code, err = sdrun(capsys, "img2img", "--bundle", tiny_bundle, "--image", tmp_path / "in.png", "--prompt", "x",
+                      "--strength", 1.5, "--out", tmp_path / "bad.png")
+    assert code == USAGE_EXIT_CODE and "strength" in err and "height" not in err, err
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_unreadable_image(tiny_bundle, tmp_path):
     (tmp_path / "in.png").write_bytes(b"not an image")
     code, text = _run("img2img", "--bundle", tiny_bundle, "--image", tmp_path / "in.png", "--prompt", "x",
@@ -155,3 +200,15 @@ def test_non_finite_latents_name_the_stage(tiny_bundle):
     request = GenerationRequest("x", steps=2, sampler="euler")
     with pytest.raises(UserError, match=r"evaluation 1/2 of euler.*\n.*fp32"):
         Pipeline(bundle, runners).generate(request)
+
+
+def test_img2img_with_server_sends_the_image_at_the_size_asked_for(tmp_path):
+    from sdrun.generate import GenerateJob, remote_image
+
+    Image.fromarray(np.zeros((300, 200, 3), np.uint8)).save(tmp_path / "in.png")
+    job = GenerateJob(bundle=None, prompt="x", out=tmp_path / "o.png", image=tmp_path / "in.png",
+                      server="http://127.0.0.1:1")
+    assert remote_image(dataclasses.replace(job, width=96, height=64, resize_mode="crop")).shape == (64, 96, 3)
+    assert remote_image(job).shape == (300, 200, 3)  # the server stretches it to the size it fills in
+    with pytest.raises(UserError, match="--resize-mode fill with --server needs the output size"):
+        remote_image(dataclasses.replace(job, width=96, resize_mode="fill"))
