@@ -24,6 +24,7 @@ class FiniteFloatRange(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
 
+
 @click.group(name="sdrun", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sdrun")
 @debug_option()
