@@ -96,10 +96,26 @@ def img2img_command(image, strength, **options) -> None:
     _generate(options, image=image, strength=strength)
 
 
-def _generate(options: dict, image: Path | None, strength: float | None) -> None:
+@cli.command("inpaint")
+@generation_options
+@click.option("--image", type=click.Path(path_type=Path), required=True, help="input image")
+@click.option("--mask", type=click.Path(path_type=Path), required=True,
+              help="mask image, white = repaint (resized to the image's size if it differs)")
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help="fraction of the schedule re-run, (0, 1]; 1 starts the masked region from pure noise")
+@click.option("--mask-blur", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="PIXELS",
+              help="Gaussian blur of the mask (standard deviation, pixels): a soft seam where the output meets "
+                   "the input")
+def inpaint_command(image, mask, strength, mask_blur, **options) -> None:
+    """Repaint the masked region of an image guided by a text prompt (any SD model; inpainting models
+    see the mask and the masked image, ordinary ones blend latents)."""
+    _generate(options, image=image, strength=strength, mask=mask, mask_blur=mask_blur)
+
+
+def _generate(options: dict, image: Path | None, strength: float | None, **inpainting) -> None:
     from sdrun.generate import GenerateJob, run_job
 
-    job = GenerateJob(**options, image=image, strength=strength)
+    job = GenerateJob(**options, image=image, strength=strength, **inpainting)
     report = run_job(job, echo=lambda line: click.echo(line, err=True),
                      progress=None if options["quiet"] else _progress_bar())
     for path in report:

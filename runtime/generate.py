@@ -1,4 +1,4 @@
-"""One `sdrun txt2img/img2img` invocation: validate inputs, pick the backend, run, write PNGs."""
+"""One `sdrun txt2img/img2img/inpaint` invocation: validate inputs, pick the backend, run, write PNGs."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +15,7 @@ from sdrun.bundle import Bundle
 from sdrun.errors import UserError, stage
 from sdrun.images import image_pixels, output_paths, parameters_text, read_image, write_png
 from sdrun.lora import parse_lora_option, prompt_lora_tags
+from sdrun.masks import blurred, read_mask
 from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
 from sdrun.recipe import Recipe
 from sdrun.samplers import resolve_sampler
@@ -39,6 +40,8 @@ class GenerateJob:
     init_noise: Path | None = None
     image: Path | None = None
     strength: float | None = None
+    mask: Path | None = None  # inpainting: white = repaint
+    mask_blur: float = 0.0  # inpainting: Gaussian blur of the mask, standard deviation in pixels
     threads: int | None = None  # ONNX Runtime intra-op threads; None: ONNX Runtime's default
     cuda_graph: bool = False  # TensorRT: replay a captured denoising step
     sampler: str | None = None  # None: the recipe's default
@@ -59,7 +62,7 @@ class GenerateJob:
 # Options a server request does not carry, and their values when not given.
 LOCAL_ONLY = {"batch": 1, "eta": None, "backend": "auto", "init_noise": None, "threads": None, "cuda_graph": False,
               "karras": None, "spacing": None, "device": None, "dtype": None, "lora": (), "lora_dir": None,
-              "original_size": None, "crop": None, "target_size": None}
+              "original_size": None, "crop": None, "target_size": None, "mask": None, "mask_blur": 0.0}
 
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
@@ -74,7 +77,7 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     prompt, tagged = prompt_lora_tags(job.prompt, job.lora_dir)
     loras = [*(parse_lora_option(text) for text in job.lora), *tagged]
     bundle = open_for_run(job.bundle, img2img=img2img)
-    request = complete_request(_request(dataclasses.replace(job, prompt=prompt), bundle.recipe), bundle.recipe)
+    request = complete_request(_request(dataclasses.replace(job, prompt=prompt), bundle.recipe, echo), bundle.recipe)
     with stage(f"loading the {job.backend} backend"):
         loaded = pipeline_on(bundle, job.backend, options, echo, loras=loras)
     backend = loaded.backend
@@ -183,18 +186,29 @@ def timing_table(timer: StageTimer, steps: int | None, load_seconds: float, lora
     return "\n".join([*out, line])
 
 
-def _request(job: GenerateJob, recipe: Recipe) -> GenerationRequest:
-    """The job as a request, with its image and noise files read (defaults are filled by the pipeline)."""
+def _request(job: GenerateJob, recipe: Recipe, echo: Callable[[str], None] = lambda line: None) -> GenerationRequest:
+    """The job as a request, with its image, mask and noise files read (defaults are filled by the pipeline)."""
     image = read_image(job.image, job.width, job.height, recipe.size_multiple) if job.image else None
     height = job.height or (image.shape[2] if image is not None else None)
     width = job.width or (image.shape[3] if image is not None else None)
-    return GenerationRequest(
+    mask = _mask(job, image, echo) if job.mask else None
+    return GenerationRequest(mask=mask,
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
         seed=job.seed, height=height, width=width, batch=job.batch, eta=job.eta,
         init_noise=_load_noise(job.init_noise) if job.init_noise else None, image=image,
         strength=job.strength if job.strength is not None else 0.75, sampler=job.sampler, karras=job.karras,
         spacing=job.spacing, original_size=_pair(job.original_size), crop=_pair(job.crop),
         target_size=_pair(job.target_size))
+
+
+def _mask(job: GenerateJob, image: np.ndarray | None, echo: Callable[[str], None]) -> np.ndarray:
+    """The job's mask at its image's size, blurred by --mask-blur."""
+    if image is None:
+        raise UserError("--mask needs the image it repaints.", fix="pass --image with --mask")
+    mask, note = read_mask(job.mask, image.shape[2], image.shape[3])
+    if note:
+        echo(f"note: {note}")
+    return blurred(mask, job.mask_blur)
 
 
 def _pair(values) -> tuple[int, int] | None:
