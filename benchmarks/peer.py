@@ -253,6 +253,17 @@ def diffusers_pipeline(ldm: dict, recipe):
     return pipe
 
 
+def diffusers_inpaint_pipeline(ldm: dict, recipe):
+    """A `StableDiffusionInpaintPipeline` (fp32, CPU, DDIM as `diffusers_pipeline`'s) on an ldm state dict."""
+    _, diffusers, _ = import_peer_packages()
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        vae=diffusers_vae(ldm, recipe), unet=diffusers_unet(ldm, recipe),
+        scheduler=diffusers.DDIMScheduler(**scheduler_config(recipe)), **text_components(ldm, recipe),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def text_components(ldm: dict, recipe) -> dict:
     """`text_encoder`, `tokenizer` (and SDXL's `text_encoder_2`, `tokenizer_2`) as pipeline arguments."""
     components = {}

@@ -93,6 +93,12 @@ def samplers_command() -> None:
         click.echo(f"{sampler.label:22s} {sampler.id:22s} {sampler.description}")
 
 
+resize_mode_option = click.option(
+    "--resize-mode", type=click.Choice([mode.value for mode in ResizeMode]), default=DEFAULT_RESIZE_MODE.value,
+    show_default=True, help="how the image reaches the output size: stretch it; scale to cover and centre-crop; or "
+                            "scale to fit and stretch the edge pixels over the rest")
+
+
 @cli.command("txt2img")
 @generation_options
 def txt2img_command(**options) -> None:
@@ -104,23 +110,37 @@ def txt2img_command(**options) -> None:
 @generation_options
 @click.option("--image", type=click.Path(path_type=Path), required=True, help="input image")
 @click.option("--strength", type=float, default=0.75, show_default=True, help="fraction of the schedule re-run, (0, 1]")
-@click.option("--resize-mode", type=click.Choice([mode.value for mode in ResizeMode]),
-              default=DEFAULT_RESIZE_MODE.value, show_default=True,
-              help="how the image reaches the output size: stretch it; scale to cover and centre-crop; or scale to "
-                   "fit and stretch the edge pixels over the rest")
-def img2img_command(image, strength, resize_mode, **options) -> None:
+@resize_mode_option
+def img2img_command(image, strength, **options) -> None:
     """Transform an image guided by a text prompt.
 
     The output has --height x --width (default: the recipe's size), whatever the input's size; any
     image PIL reads is taken upright by its EXIF orientation, transparency composited onto white.
     """
-    _generate(options, image=image, strength=strength, resize_mode=resize_mode)
+    _generate(options, image=image, strength=strength)
 
 
-def _generate(options: dict, image: Path | None, strength: float | None, resize_mode: str | None = None) -> None:
+@cli.command("inpaint")
+@generation_options
+@click.option("--image", type=click.Path(path_type=Path), required=True, help="input image")
+@click.option("--mask", type=click.Path(path_type=Path), required=True,
+              help="mask image, white = repaint (resized to the image's size if it differs)")
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help="fraction of the schedule re-run, (0, 1]; 1 starts the masked region from pure noise")
+@click.option("--mask-blur", type=FiniteFloatRange(min=0), default=0.0, show_default=True, metavar="PIXELS",
+              help="Gaussian blur of the mask (standard deviation, pixels): a soft seam where the output meets "
+                   "the input")
+@resize_mode_option
+def inpaint_command(image, mask, strength, mask_blur, **options) -> None:
+    """Repaint the masked region of an image guided by a text prompt (any SD model; inpainting models
+    see the mask and the masked image, ordinary ones blend latents)."""
+    _generate(options, image=image, strength=strength, mask=mask, mask_blur=mask_blur)
+
+
+def _generate(options: dict, image: Path | None, strength: float | None, **image_options) -> None:
     from sdrun.generate import GenerateJob, run_job
 
-    job = GenerateJob(**options, image=image, strength=strength, resize_mode=resize_mode)
+    job = GenerateJob(**options, image=image, strength=strength, **image_options)
     report = run_job(job, echo=lambda line: click.echo(line, err=True),
                      progress=None if options["quiet"] else _progress_bar())
     for path in report:

@@ -1,4 +1,4 @@
-"""One `sdrun txt2img/img2img` invocation: validate inputs, pick the backend, run, write PNGs."""
+"""One `sdrun txt2img/img2img/inpaint` invocation: validate inputs, pick the backend, run, write PNGs."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +13,10 @@ from sdrun.backends import BackendOptions
 from sdrun.backends.base import StageTimer
 from sdrun.bundle import Bundle
 from sdrun.errors import UserError, stage
-from sdrun.image_input import DEFAULT_RESIZE_MODE, ResizeMode, load_image, read_pixels
+from sdrun.image_input import DEFAULT_RESIZE_MODE, ResizeMode, fit_pixels, load_image, read_pixels
 from sdrun.images import model_image, output_paths, parameters_text, write_png
 from sdrun.lora import parse_lora_option, prompt_lora_tags
+from sdrun.masks import blurred, read_mask
 from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
 from sdrun.samplers import resolve_sampler
 from sdrun.sampling import DEFAULT_SAMPLER
@@ -40,6 +41,8 @@ class GenerateJob:
     image: Path | None = None
     strength: float | None = None
     resize_mode: str | None = None  # how the image reaches the output size (`ResizeMode`); None: just-resize
+    mask: Path | None = None  # inpainting: white = repaint
+    mask_blur: float = 0.0  # inpainting: Gaussian blur of the mask, standard deviation in pixels
     threads: int | None = None  # ONNX Runtime intra-op threads; None: ONNX Runtime's default
     cuda_graph: bool = False  # TensorRT: replay a captured denoising step
     sampler: str | None = None  # None: the recipe's default
@@ -60,7 +63,7 @@ class GenerateJob:
 # Options a server request does not carry, and their values when not given.
 LOCAL_ONLY = {"batch": 1, "eta": None, "backend": "auto", "init_noise": None, "threads": None, "cuda_graph": False,
               "karras": None, "spacing": None, "device": None, "dtype": None, "lora": (), "lora_dir": None,
-              "original_size": None, "crop": None, "target_size": None}
+              "original_size": None, "crop": None, "target_size": None, "mask": None, "mask_blur": 0.0}
 
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
@@ -78,8 +81,7 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     request = complete_request(_request(dataclasses.replace(job, prompt=prompt)), bundle.recipe, img2img=img2img)
     if img2img:
         with stage("reading the input image"):
-            pixels = load_image(job.image, request.width, request.height, job.resize_mode)
-        request = dataclasses.replace(request, image=model_image(pixels))
+            request = _with_image(job, request, echo)
     with stage(f"loading the {job.backend} backend"):
         loaded = pipeline_on(bundle, job.backend, options, echo, loras=loras)
     backend = loaded.backend
@@ -207,6 +209,18 @@ def _request(job: GenerateJob) -> GenerationRequest:
         strength=job.strength if job.strength is not None else 0.75, sampler=job.sampler, karras=job.karras,
         spacing=job.spacing, original_size=_pair(job.original_size), crop=_pair(job.crop),
         target_size=_pair(job.target_size))
+
+
+def _with_image(job: GenerateJob, request: GenerationRequest, echo: Callable[[str], None]) -> GenerationRequest:
+    """The validated request with the job's image, and its mask (blurred by --mask-blur), at the request's size."""
+    pixels = read_pixels(job.image)
+    image = model_image(fit_pixels(pixels, request.width, request.height, job.resize_mode))
+    if job.mask is None:
+        return dataclasses.replace(request, image=image)
+    mask, note = read_mask(job.mask, pixels.shape[:2], (request.height, request.width), job.resize_mode)
+    if note:
+        echo(f"note: {note}")
+    return dataclasses.replace(request, image=image, mask=blurred(mask, job.mask_blur))
 
 
 def _pair(values) -> tuple[int, int] | None:

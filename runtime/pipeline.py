@@ -11,6 +11,13 @@ even when --init-noise replaces the latter), then one noise tensor per model eva
 update takes noise (DDIM with eta > 0, the ancestral and SDE samplers, LCM) — all
 `standard_normal(..., dtype=float32)`. img2img with DDIM keeps ldm's strength semantics; with
 any other sampler diffusers' (`sdrun.samplers.registry.img2img_first_step`).
+
+Inpainting (an image and a mask, `sdrun.masks`) draws as img2img does. At strength 1 it starts from
+pure noise (the txt2img plan, as diffusers' inpainting pipeline), below 1 from the noised image as
+img2img. An inpainting UNet sees the binarised mask at latent size and the posterior mean of the masked
+image's latents (deterministic: a conditioning input needs no sample); an ordinary UNet's latent is
+blended with the image's between evaluations (`sdrun.latent_blend`). Either way the decoded pixels are
+laid over the input image with the mask as alpha, so the unmasked region keeps the input exactly.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ import numpy as np
 from sdrun.backends.base import GraphRunner, StageTimer
 from sdrun.bundle import Bundle, Manifest
 from sdrun.errors import UserError
+from sdrun.latent_blend import latent_blend
+from sdrun.masks import check_mask, latent_mask, mask_warnings, masked_image, overlay
 from sdrun.recipe import Recipe, ShapeRange
 from sdrun.sampling import Conditioning, draw_noises, sample_plan, sampler_plan, step_feeds
 from sdrun.sdxl_conditioning import SizeConditioning
@@ -49,6 +58,7 @@ class GenerationRequest:
     init_noise: np.ndarray | None = None  # (batch, 4, h, w) float32 instead of the seeded draw
     image: np.ndarray | None = None  # img2img input (batch or 1, 3, H, W) float32 in [-1, 1]
     strength: float = 0.75  # img2img: fraction of the schedule re-run
+    mask: np.ndarray | None = None  # inpainting, with `image`: (batch or 1, 1, H, W) float32 in [0, 1], 1 = repaint
     sampler: str | None = None  # a name or id from `sdrun samplers`; None: the recipe's default (DDIM)
     karras: bool | None = None  # Karras sigmas (samplers that have sigmas); None: the sampler's default
     spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the sampler's default
@@ -63,7 +73,7 @@ class GenerationRequest:
 class GenerationResult:
     images: np.ndarray  # (B, H, W, 3) uint8
     latents: np.ndarray  # (B, 4, h, w) float32, final latents before decoding
-    decoded: np.ndarray  # (B, 3, H, W) float32 VAE output in [-1, 1] (unclipped) before quantisation
+    decoded: np.ndarray  # (B, 3, H, W) float32 VAE output in [-1, 1] (unclipped; inpainting: before the overlay)
     request: GenerationRequest  # with every default filled in
     timer: StageTimer
     dropped_tokens: tuple[int, ...]  # per prompt, tokens cut off at 77
@@ -102,7 +112,7 @@ class Pipeline:
 
     def sampler_plan(self, request: GenerationRequest):
         """The sampler plan of a completed request (img2img: of the steps its strength keeps)."""
-        return request_plan(request, self.recipe, img2img=request.image is not None)
+        return request_plan(request, self.recipe, img2img=starts_from_image(request))
 
     def generate(self, request: GenerationRequest,
                  on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -129,23 +139,28 @@ class Pipeline:
         drawn = [draw_noises(plan, (r.batch, *noise.shape[1:]), rng) for r, rng in zip(requests, rngs)]
         noises = [None if z[0] is None else np.concatenate(z) for z in zip(*drawn)]
         start = time.perf_counter()
-        latents = self._denoise(plan, noise, x0, conditioning, first.guidance, noises, on_step)
+        masks = _batched(requests, "mask") if first.mask is not None else None
+        blend = None
+        if masks is not None and not self.recipe.unet.inpainting:
+            blend = latent_blend(plan, self.recipe.schedule, x0, noise, latent_mask(masks, self.recipe.vae_scale))
+        latents = self._denoise(plan, noise, x0, conditioning, first.guidance, noises, on_step, blend)
         self.timer.add("denoise", time.perf_counter() - start)
         decoded = self._decode(latents)
+        pixels = decoded if masks is None else overlay(decoded, _batched(requests, "image"), masks)
         self.timer.add("total", time.perf_counter() - started)
         bounds = np.cumsum([0, *(r.batch for r in requests)])
-        return [GenerationResult(to_uint8(decoded[a:b]), latents[a:b], decoded[a:b], r, self.timer, d,
-                                 self.step_fused, plan.warnings)
+        return [GenerationResult(to_uint8(pixels[a:b]), latents[a:b], decoded[a:b], r, self.timer, d,
+                                 self.step_fused, plan.warnings + (mask_warnings(r.mask) if r.mask is not None else ()))
                 for r, a, b, d in zip(requests, bounds, bounds[1:], dropped)]
 
-    def _denoise(self, plan, noise, x0, conditioning, guidance, noises, on_step) -> np.ndarray:
+    def _denoise(self, plan, noise, x0, conditioning, guidance, noises, on_step, blend=None) -> np.ndarray:
         def progress(e: int, x: np.ndarray) -> None:
             check_finite(x, f"evaluation {e + 1}/{len(plan)} of {plan.name}")
             if on_step:
                 on_step(e + 1, len(plan))
 
-        if self.resident_loop is None:
-            return sample_plan(plan, self.runners, noise, conditioning, guidance, noises, progress, x0)
+        if self.resident_loop is None or blend is not None:  # the blend runs on the host between steps
+            return sample_plan(plan, self.runners, noise, conditioning, guidance, noises, progress, x0, blend)
         feeds = step_feeds(plan, noise, conditioning, guidance, noises, x0)
         start = time.perf_counter()
         latents = self.resident_loop(feeds, on_step)
@@ -170,6 +185,9 @@ class Pipeline:
             sizes = [size_conditioning(r) for r in requests for _ in range(r.batch)]
             conditioning["text_embeds"] = next(o[POOLED_OUTPUT] for o in outputs.values() if POOLED_OUTPUT in o).copy()
             conditioning["time_ids"] = np.array(sizes * (2 if guided else 1), np.float32)  # (2N, 6)
+        if self.recipe.unet.inpainting:
+            inpainting = self._inpainting_conditioning(requests)
+            conditioning |= {name: np.concatenate([rows] * (2 if guided else 1)) for name, rows in inpainting.items()}
         dropped_all = tokens[TEXT_ENCODERS[0]].dropped
         bounds = np.cumsum([0, *(r.batch for r in requests)])
         cut_negatives, cut_prompts = dropped_all[:len(negatives)], dropped_all[len(negatives):]
@@ -195,6 +213,16 @@ class Pipeline:
             noise = np.ascontiguousarray(request.init_noise, dtype=np.float32)
         return x0, noise
 
+    def _inpainting_conditioning(self, requests: Sequence[GenerationRequest]) -> dict[str, np.ndarray]:
+        """An inpainting UNet's extra inputs for N images: the latent mask (N, 1, h, w) and the posterior
+        mean of the masked image's latents (N, 4, h, w), already scaled by the latent scale factor."""
+        masks = _batched(requests, "mask")
+        start = time.perf_counter()
+        moments = self.runners["vae_encoder"].run({"images": masked_image(_batched(requests, "image"), masks)})
+        self.timer.add("vae_encoder", time.perf_counter() - start)
+        mean = np.split(moments["latent"], 2, axis=1)[0]
+        return {"mask": latent_mask(masks, self.recipe.vae_scale), "masked_image_latents": np.ascontiguousarray(mean)}
+
     def _decode(self, latents: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         images = self.runners["vae_decoder"].run({"latent": latents})["images"].copy()
@@ -203,11 +231,22 @@ class Pipeline:
         return images
 
 
+def _batched(requests: Sequence[GenerationRequest], field: str) -> np.ndarray:
+    """A per-image input of the requests (`image` or `mask`, each (batch or 1, C, H, W)) as (N, C, H, W) float32."""
+    parts = [np.broadcast_to(getattr(r, field), (r.batch, *getattr(r, field).shape[1:])) for r in requests]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def starts_from_image(request: GenerationRequest) -> bool:
+    """Whether the loop starts from the noised image (img2img, inpainting below strength 1) or from noise."""
+    return request.image is not None and (request.mask is None or request.strength < 1.0)
+
+
 def batch_key(request: GenerationRequest) -> tuple:
     """What requests must share to run in one denoising loop: everything but prompts, seed, batch and
     noise (a completed request's fields; the guidance scale is one number per loop)."""
     return (request.height, request.width, request.steps, request.sampler, request.karras, request.spacing,
-            request.eta, request.guidance, request.image is None, request.strength)
+            request.eta, request.guidance, request.image is None, request.mask is None, request.strength)
 
 
 def _check_batchable(requests: Sequence[GenerationRequest], recipe: Recipe) -> None:
@@ -233,7 +272,7 @@ def complete_request(request: GenerationRequest, recipe: Recipe, img2img: bool |
         sampler=recipe.default_sampler if request.sampler is None else request.sampler)
     if recipe.unet.adm_in_channels:
         filled = dataclasses.replace(filled, **_size_defaults(filled))
-    validate_request(filled, recipe, img2img=request.image is not None if img2img is None else img2img)
+    validate_request(filled, recipe, img2img=starts_from_image(filled) if img2img is None else img2img)
     return dataclasses.replace(filled, validated=True)
 
 
@@ -250,6 +289,8 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
         raise UserError("batch is outside the bundle's profile.", expected=f"{batch.min}..{batch.max}",
                         got=str(request.batch), fix="lower --batch or widen shapes.batch in the recipe")
     _check_size_conditioning(request, recipe)
+    if request.mask is not None:
+        check_mask(request.mask, request.image, request.batch)
     request_plan(request, recipe, img2img)  # every sampler option, strength included (milliseconds)
     if request.guidance < 1.0:
         raise UserError("guidance must be >= 1.", got=str(request.guidance), fix="use 1 (off) or e.g. 7.5")
@@ -331,7 +372,7 @@ def _check_size(axis: str, value: int, allowed: ShapeRange, multiple: int) -> No
 
 def latent_shape(request: GenerationRequest, recipe: Recipe) -> tuple[int, int, int, int]:
     scale = recipe.vae_scale
-    return (request.batch, recipe.unet.in_channels, request.height // scale, request.width // scale)
+    return (request.batch, recipe.unet.out_channels, request.height // scale, request.width // scale)
 
 
 def check_finite(array: np.ndarray, stage: str) -> None:

@@ -62,6 +62,11 @@ class DDPMSchedule:
     timesteps: int
 
 
+# What an inpainting UNet reads after the latent, in order, and each one's channels: the mask at latent
+# size (1 = repaint) and the latents of the image with that region set to 0 (ldm's `c_concat`).
+INPAINT_CHANNELS = {"mask": 1, "masked_image_latents": 4}
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     """ldm `openaimodel.UNetModel` arguments (num_heads or num_head_channels, the other −1).
@@ -101,6 +106,12 @@ class UNetConfig:
 
     def has_attention(self, level: int) -> bool:
         return 2 ** level in self.attention_resolutions and self.depth_at(level) > 0
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting UNet (ldm's `hybrid` conditioning): it also reads the mask and the masked image's
+        latents, concatenated after the latent (`INPAINT_CHANNELS`)."""
+        return self.in_channels == self.out_channels + sum(INPAINT_CHANNELS.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +232,12 @@ def _check_recipe(recipe: Recipe, path: Path) -> None:
                         got=f"num_heads={unet.num_heads} num_head_channels={unet.num_head_channels}",
                         fix="set one of them and leave the other out")
     _check_depths(unet, path)
+    if unet.in_channels != unet.out_channels and not unet.inpainting:
+        inpaint = unet.out_channels + sum(INPAINT_CHANNELS.values())
+        raise UserError(f"{path}: unet.in_channels must equal out_channels, or out_channels + "
+                        f"{inpaint - unet.out_channels} for an inpainting UNet (mask and masked-image latents).",
+                        got=f"in_channels={unet.in_channels} out_channels={unet.out_channels}",
+                        fix=f"set in_channels to {unet.out_channels} or {inpaint}")
     widths = [encoder.width for encoder in recipe.text_encoders]
     if unet.context_dim != sum(widths):
         raise UserError(f"{path}: unet.context_dim must equal the sum of the text encoders' widths.",

@@ -8,7 +8,11 @@ linear update advances the state. With the plain UNet guidance and the update ru
 Noise is drawn from the request's generator after the initial latents (img2img: after the
 posterior and forward noise), one tensor per evaluation whose update takes noise. The conditioning is
 what the UNet sees unchanged for a whole loop, by input name: `encoder_hidden_states` (2B, L, D) and,
-for SDXL, `text_embeds` (2B, P) and `time_ids` (2B, 6); [uncond; cond] rows with guidance, cond without.
+for SDXL, `text_embeds` (2B, P) and `time_ids` (2B, 6), for an inpainting UNet `mask` (2B, 1, h, w) and
+`masked_image_latents` (2B, 4, h, w); [uncond; cond] rows with guidance, cond without. The plain UNet takes
+the inpainting inputs concatenated after its sample's channels (`INPAINT_CHANNELS` order), the step-fused
+graph by name (it concatenates them itself). Inpainting with an ordinary UNet blends the latent on the
+host after each evaluation (`sdrun.latent_blend`), on either loop.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from sdrun.backends.base import GraphRunner
-from sdrun.recipe import Recipe
+from sdrun.recipe import INPAINT_CHANNELS, Recipe
 from sdrun.samplers import make_plan, resolve_sampler
 from sdrun.samplers.plan import STATE_WIDTH, Plan, fused_update_rows, initial_state, run_plan
 
@@ -50,11 +54,13 @@ Conditioning = Mapping[str, np.ndarray]
 def guided_model(unet: GraphRunner, conditioning: Conditioning, guidance: float) -> Callable:
     """(x_in, t) -> the guided UNet output: [uncond; cond] halves combined when guidance != 1."""
     guided = guidance != 1.0
+    named = {name: rows for name, rows in conditioning.items() if name not in INPAINT_CHANNELS}
+    channels = [conditioning[name] for name in INPAINT_CHANNELS if name in conditioning]
 
     def model(x_in: np.ndarray, timestep: float) -> np.ndarray:
         sample = np.concatenate([x_in, x_in]) if guided else x_in
-        feeds = {"sample": sample.astype(np.float32), "timestep": np.array([timestep], np.float32),
-                 **conditioning}
+        sample = np.concatenate([sample, *channels], axis=1) if channels else sample
+        feeds = {"sample": sample.astype(np.float32), "timestep": np.array([timestep], np.float32), **named}
         output = unet.run(feeds)["latent"]
         return classifier_free_guidance(*np.split(output, 2), guidance) if guided else output.copy()
 
@@ -91,22 +97,28 @@ def step_feeds(plan: Plan, init_noise: np.ndarray, conditioning: Conditioning, g
     return StepFeeds(state, dict(conditioning), {name: np.ascontiguousarray(rows[name], np.float32) for name in PER_EVALUATION})
 
 
-def run_fused(step: GraphRunner, feeds: StepFeeds, on_evaluation: Callable[[int, np.ndarray], None]) -> np.ndarray:
-    """The host-driven step-fused loop: one graph call per evaluation; the final latents (B, C, h, w)."""
+def run_fused(step: GraphRunner, feeds: StepFeeds, on_evaluation: Callable[[int, np.ndarray], None],
+              blend: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """The host-driven step-fused loop: one graph call per evaluation; the final latents (B, C, h, w).
+    `blend(e, state[0])` replaces state[0] after evaluation e (inpainting's latent blending)."""
     state = feeds.state
     for e in range(len(feeds)):
         state = step.run({"state": state, **feeds.conditioning, **feeds.evaluation(e)})["next_state"].copy()
+        if blend is not None:
+            state[0] = blend(e, state[0])
         on_evaluation(e, state[0])
     return state[0]
 
 
 def sample_plan(plan: Plan, runners: Mapping[str, GraphRunner], init_noise: np.ndarray, conditioning: Conditioning,
                 guidance: float, noises: list[np.ndarray | None],
-                on_evaluation: Callable[[int, np.ndarray], None], x0: np.ndarray | None = None) -> np.ndarray:
+                on_evaluation: Callable[[int, np.ndarray], None], x0: np.ndarray | None = None,
+                blend: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Final latents of `plan` from unit-variance `init_noise` (B, C, h, w) and, for img2img, the
-    encoded image `x0` (B, C, h, w), on the step-fused UNet when `runners` has it, else the plain one."""
+    encoded image `x0` (B, C, h, w), on the step-fused UNet when `runners` has it, else the plain one;
+    `blend` runs after each evaluation on either."""
     if FUSED in runners:
         return run_fused(runners[FUSED], step_feeds(plan, init_noise, conditioning, guidance, noises, x0),
-                         on_evaluation)
+                         on_evaluation, blend)
     model = guided_model(runners["unet"], conditioning, guidance)
-    return run_plan(plan, model, init_noise, noises, on_evaluation, x0).astype(np.float32)
+    return run_plan(plan, model, init_noise, noises, on_evaluation, x0, blend).astype(np.float32)

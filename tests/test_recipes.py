@@ -9,7 +9,8 @@ from sdrun.errors import UserError
 
 
 def test_builtin_recipes_load():
-    assert available_recipes() == ["sd15", "sd21", "sd21-base", "sdxl", "tiny", "tiny-shapes", "tiny-v", "tiny-xl"]
+    assert available_recipes() == ["sd15", "sd15-inpainting", "sd2-inpainting", "sd21", "sd21-base", "sdxl", "tiny",
+                                   "tiny-inpainting", "tiny-shapes", "tiny-v", "tiny-xl"]
     for name in available_recipes():
         assert load_recipe(name).name == name
 
@@ -22,6 +23,23 @@ def test_recipe_values_follow_the_original_configs():
     assert sd21.text_encoder.padding is TokenizerPadding.ZERO
     assert sd15.unet.num_heads == 8 and base.unet.num_head_channels == 64
     assert sd15.schedule.linear_start == 0.00085 and sd15.latent_scale_factor == 0.18215
+
+
+@pytest.mark.parametrize("name, base", [("sd15-inpainting", "sd15"), ("sd2-inpainting", "sd21-base"),
+                                        ("tiny-inpainting", "tiny")])
+def test_inpainting_recipes_are_their_base_with_nine_unet_input_channels(name, base):
+    """v1/v2-inpainting-inference.yaml: the base UNet with in_channels 9 (latent 4, mask 1, masked-image latents 4)."""
+    inpainting, plain = load_recipe(name), load_recipe(base)
+    assert inpainting.unet.in_channels == 9 and inpainting.unet.inpainting and not plain.unet.inpainting
+    assert dataclasses.replace(inpainting.unet, in_channels=4) == plain.unet
+    assert (inpainting.text_encoder, inpainting.vae, inpainting.family) == (plain.text_encoder, plain.vae, plain.family)
+
+
+def test_unet_input_channels_must_be_the_latent_or_inpainting():
+    data = load_recipe("tiny").to_dict()
+    data["unet"]["in_channels"] = 7
+    with pytest.raises(UserError, match="in_channels must equal out_channels"):
+        recipe_from_dict(data)
 
 
 @pytest.mark.parametrize("name", ["sd21", "sdxl"])

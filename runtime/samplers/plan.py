@@ -149,13 +149,17 @@ def _combine(coefficients, operands, noise_scale, noise, like) -> np.ndarray:
 
 
 def run_plan(plan: Plan, model: Callable, init_noise: np.ndarray, noises: Sequence | None = None,
-             callback: Callable | None = None, x0: np.ndarray | None = None) -> np.ndarray:
+             callback: Callable | None = None, x0: np.ndarray | None = None,
+             blend: Callable | None = None) -> np.ndarray:
     """The host loop: `model(x_in, t)` -> guided output; `noises[e]` for evaluations that need it;
-    `x0` the encoded image of an img2img plan."""
+    `x0` the encoded image of an img2img plan; `blend(e, state[0])` replaces state[0] after evaluation e
+    (inpainting's latent blending)."""
     state = initial_state(plan, init_noise, x0)
     for e in range(len(plan)):
         y = model(model_input(plan, e, state), plan.timesteps[e])
         state = apply_plan_step(plan, e, state, y, None if noises is None else noises[e])
+        if blend is not None:
+            state[0] = blend(e, state[0])
         if callback is not None:
             callback(e, state[0])
     return state[0]

@@ -14,6 +14,7 @@ from sdcompile.components.unet import UNetWrapper, sample_added_conditioning
 from sdcompile.recipes import Recipe
 from sdcompile.weights.layout import Component
 from sdrun.bundle import ShapeBinding, TensorSpec
+from sdrun.recipe import INPAINT_CHANNELS
 from sdrun.samplers import make_plan, resolve_sampler
 from sdrun.samplers.plan import STATE_WIDTH, fused_update_rows
 
@@ -21,13 +22,20 @@ VERIFY_SAMPLER, VERIFY_EVALUATION = "dpmpp_2m_sde", 5  # an evaluation with stor
 
 
 class UNetStepWrapper(UNetWrapper):
+    def __init__(self, unet: torch.nn.Module, inpainting: bool = False):
+        super().__init__(unet)
+        self.inpainting = inpainting
+
     def forward(self, state, timestep, input_scale, encoder_hidden_states, *rest):
         # state (W, B, 4, h, w); noise (B, 4, h, w); encoder_hidden_states (2B, 77, ctx) as [uncond; cond];
-        # rest: SDXL's text_embeds (2B, P) and time_ids (2B, 6), then guidance, update, noise
-        *added, guidance, update, noise = rest
+        # rest: SDXL's text_embeds (2B, P) and time_ids (2B, 6), an inpainting UNet's mask (2B, 1, h, w) and
+        # masked_image_latents (2B, 4, h, w), then guidance, update, noise
+        *conditioning, guidance, update, noise = rest
+        extra = len(INPAINT_CHANNELS) if self.inpainting else 0
+        added, channels = conditioning[:len(conditioning) - extra], conditioning[len(conditioning) - extra:]
         x_in = input_scale * state[0]
-        uncond, cond = self.unet(torch.cat([x_in, x_in]), timestep, encoder_hidden_states,
-                                 *self.label(tuple(added))).chunk(2)
+        uncond, cond = self.unet(torch.cat([torch.cat([x_in, x_in]), *channels], dim=1), timestep,
+                                 encoder_hidden_states, *self.label(tuple(added))).chunk(2)
         guided = uncond + guidance * (cond - uncond)
         operands = torch.cat([state, guided[None], noise[None]])  # (W + 2, B, 4, h, w)
         return (update @ operands.flatten(1)).reshape(state.shape)
@@ -48,8 +56,10 @@ def _sample(recipe: Recipe, binding: ShapeBinding, generator: torch.Generator) -
 
 def unet_step_spec(recipe: Recipe) -> ComponentSpec:
     cfg, ctx = recipe.unet, recipe.text_encoder
-    latent = ("batch", cfg.in_channels, "latent_height", "latent_width")
+    latent = ("batch", cfg.out_channels, "latent_height", "latent_width")
     state = (STATE_WIDTH, *latent)
+    inpainting = tuple(TensorSpec(name, "float32", ("guided_batch", channels, "latent_height", "latent_width"))
+                       for name, channels in INPAINT_CHANNELS.items()) if cfg.inpainting else ()
     return ComponentSpec(
         name="unet_step",
         model=Component.UNET,
@@ -58,11 +68,12 @@ def unet_step_spec(recipe: Recipe) -> ComponentSpec:
                 TensorSpec("input_scale", "float32", (1,)),
                 TensorSpec("encoder_hidden_states", "float32", ("guided_batch", ctx.context_length, cfg.context_dim)),
                 *added_conditioning_inputs(recipe, "guided_batch"),
+                *inpainting,
                 TensorSpec("guidance", "float32", (1,)),
                 TensorSpec("update", "float32", (STATE_WIDTH, STATE_WIDTH + 2)),
                 TensorSpec("noise", "float32", latent)),
         outputs=(TensorSpec("next_state", "float32", state),),
-        wrap=lambda models, recipe: UNetStepWrapper(models.unet),
+        wrap=lambda models, recipe: UNetStepWrapper(models.unet, recipe.unet.inpainting),
         sample=_sample,
         description="next_state = update @ [state, CFG(UNet([c·x; c·x], t, [uncond; cond])), noise]",
         derived_from="unet",

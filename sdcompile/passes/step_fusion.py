@@ -9,7 +9,9 @@ the runtime offers is a linear recurrence over the latent and a few stored tenso
 serves them all and a step is one engine call whatever the sampler. The state has a fixed width
 (`STATE_WIDTH`, the widest sampler's); narrower samplers leave the extra slots at zero. Guidance
 1 feeds [cond; cond] as context. SDXL's added conditioning (`text_embeds`, `time_ids`, (2B, ·)) passes
-through like the context. The wrapper's nodes stay in fp32 (`wrapper_node_names`).
+through like the context. An inpainting UNet (its sample wider than its output by the mask and the
+masked-image latents, `sdrun.recipe.INPAINT_CHANNELS`) takes those as inputs (2B, ·, h, w) too, concatenated
+after x_in's channels inside the graph; the state keeps the output's channels. The wrapper's nodes stay in fp32 (`wrapper_node_names`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from sdcompile.graph.pass_result import PassResult
+from sdrun.recipe import INPAINT_CHANNELS
 from sdrun.samplers.plan import STATE_WIDTH
 
 if TYPE_CHECKING:
@@ -48,20 +51,24 @@ def step_fused_unet(model: onnx.ModelProto) -> onnx.ModelProto:
     _rename_values(graph, inner)
     sample = _input(model.graph, "sample")
     latent_type = sample.type.tensor_type.elem_type
-    latent_dims = ["batch", *_dims(sample)[1:]]
+    latent_dims = ["batch", *_dims(model.graph.output[0])[1:]]
+    inpainting = inpainting_inputs(model)
+    guided_dims = _dims(sample)
     graph.ClearField("input")
     graph.input.extend([
         _value("state", latent_type, [STATE_WIDTH, *latent_dims]),
         _clone(_input(model.graph, "timestep"), "timestep"),
         _value("input_scale", TensorProto.FLOAT, [1]),
         *(_clone(_input(model.graph, name), name) for name in conditioning),
+        *(_value(name, latent_type, [guided_dims[0], channels, *guided_dims[2:]])
+          for name, channels in inpainting.items()),
         _value("guidance", TensorProto.FLOAT, [1]),
         _value("update", TensorProto.FLOAT, [STATE_WIDTH, STATE_WIDTH + 2]),
         _value("noise", latent_type, latent_dims),
     ])
     graph.ClearField("output")
     graph.output.append(_value(STEP_OUTPUT, latent_type, [STATE_WIDTH, *latent_dims]))
-    before, after = _wrapper_nodes(inner, conditioning)
+    before, after = _wrapper_nodes(inner, conditioning, tuple(inpainting))
     body = list(graph.node)
     graph.ClearField("node")
     graph.node.extend([*before, *body, *after])
@@ -74,7 +81,23 @@ def conditioning_inputs(model: onnx.ModelProto) -> tuple[str, ...]:
     return ("encoder_hidden_states", *(name for name in ADDED_INPUTS if name in names))
 
 
-def _wrapper_nodes(inner: dict[str, str], conditioning: tuple[str, ...]) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+def inpainting_inputs(model: onnx.ModelProto) -> dict[str, int]:
+    """The inpainting inputs (name -> channels) when the UNet's sample is wider than its output by them, else none."""
+    sample, output = _dims(_input(model.graph, "sample"))[1], _dims(model.graph.output[0])[1]
+    extra = sample - output if isinstance(sample, int) and isinstance(output, int) else 0
+    if extra == 0:
+        return {}
+    if extra != sum(INPAINT_CHANNELS.values()):
+        from sdrun.errors import UserError
+
+        raise UserError(f"step fusion: the UNet's sample has {sample} channels and its output {output}.",
+                        expected=f"equal, or {sum(INPAINT_CHANNELS.values())} more for an inpainting UNet",
+                        got=f"{extra} more", fix="export the UNet with `sdcompile export --component unet`")
+    return dict(INPAINT_CHANNELS)
+
+
+def _wrapper_nodes(inner: dict[str, str], conditioning: tuple[str, ...],
+                   inpainting: tuple[str, ...] = ()) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
     """Nodes that feed the UNet body, and nodes that consume its output."""
     p = _PREFIX
     first_slot = helper.make_tensor(f"{p}first_slot", TensorProto.INT64, [], [0])
@@ -83,7 +106,10 @@ def _wrapper_nodes(inner: dict[str, str], conditioning: tuple[str, ...]) -> tupl
         helper.make_node("Constant", [], [f"{p}first_slot"], value=first_slot, name=f"{p}first_slot"),
         helper.make_node("Gather", ["state", f"{p}first_slot"], [f"{p}x"], axis=0, name=f"{p}latent"),
         helper.make_node("Mul", ["input_scale", f"{p}x"], [f"{p}x_in"], name=f"{p}input_scale"),
-        helper.make_node("Concat", [f"{p}x_in", f"{p}x_in"], [inner["sample"]], axis=0, name=f"{p}cfg_batch"),
+        helper.make_node("Concat", [f"{p}x_in", f"{p}x_in"], [f"{p}cfg_sample" if inpainting else inner["sample"]],
+                         axis=0, name=f"{p}cfg_batch"),
+        *([helper.make_node("Concat", [f"{p}cfg_sample", *inpainting], [inner["sample"]], axis=1,
+                            name=f"{p}inpainting_channels")] if inpainting else []),
         helper.make_node("Identity", ["timestep"], [inner["timestep"]], name=f"{p}timestep"),
         *(helper.make_node("Identity", [name], [inner[name]], name=f"{p}{name}") for name in conditioning),
     ]

@@ -11,6 +11,7 @@ from sdcompile.recipes import Family, Recipe, TextEncoderKind, available_recipes
 from sdcompile.weights.layout import Component, StateDict
 from sdcompile.weights.load_report import EXAMPLES_SHOWN
 from sdrun.errors import UserError
+from sdrun.recipe import INPAINT_CHANNELS
 
 CONTINUATION = "\n" + " " * len("  got:      ")  # aligns further lines under the first in UserError.message
 
@@ -113,8 +114,14 @@ def _in_channels_hint(unet: StateDict, recipe: Recipe) -> str | None:
     conv_in = unet.get("input_blocks.0.0.weight")
     if conv_in is None or conv_in.ndim != 4 or conv_in.shape[1] == recipe.unet.in_channels:
         return None
-    kind = " (9: an inpainting model)" if conv_in.shape[1] == 9 else ""
+    inpainting = conv_in.shape[1] == recipe.unet.out_channels + sum(INPAINT_CHANNELS.values())
+    kind = f" (an inpainting model: try {_inpainting_recipes(recipe.family)})" if inpainting else ""
     return f"the UNet takes {conv_in.shape[1]} input channels{kind}; the recipe has {recipe.unet.in_channels}"
+
+
+def _inpainting_recipes(family: Family) -> str:
+    names = [n for n in available_recipes() if (r := load_recipe(n)).family is family and r.unet.inpainting]
+    return ", ".join(names) or "a recipe with unet.in_channels = 9"
 
 
 def _foreign_layout_hint(unrecognised: Iterable[str], recipe: Recipe) -> str | None:
