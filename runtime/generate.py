@@ -15,7 +15,7 @@ from sdrun.bundle import Bundle
 from sdrun.errors import UserError, stage
 from sdrun.images import image_pixels, output_paths, parameters_text, read_image, write_png
 from sdrun.lora import parse_lora_option, prompt_lora_tags
-from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
+from sdrun.pipeline import GenerationRequest, GenerationResult, check_prompts, complete_request
 from sdrun.recipe import Recipe
 from sdrun.samplers import resolve_sampler
 from sdrun.sampling import DEFAULT_SAMPLER
@@ -54,12 +54,13 @@ class GenerateJob:
     quiet: bool = False
     server: str | None = None  # http://HOST:PORT of a running `sdrun serve`: generate there
     timeout: float = 600.0  # seconds the server may take (with --server)
+    max_chunks: int | None = None  # 75-token prompt chunks allowed; None: the bundle's most
 
 
 # Options a server request does not carry, and their values when not given.
 LOCAL_ONLY = {"batch": 1, "eta": None, "backend": "auto", "init_noise": None, "threads": None, "cuda_graph": False,
               "karras": None, "spacing": None, "device": None, "dtype": None, "lora": (), "lora_dir": None,
-              "original_size": None, "crop": None, "target_size": None}
+              "original_size": None, "crop": None, "target_size": None, "max_chunks": None}
 
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
@@ -75,6 +76,7 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     loras = [*(parse_lora_option(text) for text in job.lora), *tagged]
     bundle = open_for_run(job.bundle, img2img=img2img)
     request = complete_request(_request(dataclasses.replace(job, prompt=prompt), bundle.recipe), bundle.recipe)
+    check_prompts(request, bundle)
     with stage(f"loading the {job.backend} backend"):
         loaded = pipeline_on(bundle, job.backend, options, echo, loras=loras)
     backend = loaded.backend
@@ -83,9 +85,6 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
         result = loaded.pipeline.generate(request, on_step=progress)
     for warning in result.warnings:
         echo(f"warning: {warning}")
-    for dropped in set(result.dropped_tokens) - {0}:
-        echo(f"warning: the prompt is longer than {bundle.manifest.tokenizer['context_length']} tokens; "
-             f"{dropped} tokens were dropped")
     with stage("writing the PNG"):
         paths = write_images(job.out, result, bundle, backend, img2img, job.prompt, loaded.loras)
     if not job.quiet:
@@ -194,7 +193,7 @@ def _request(job: GenerateJob, recipe: Recipe) -> GenerationRequest:
         init_noise=_load_noise(job.init_noise) if job.init_noise else None, image=image,
         strength=job.strength if job.strength is not None else 0.75, sampler=job.sampler, karras=job.karras,
         spacing=job.spacing, original_size=_pair(job.original_size), crop=_pair(job.crop),
-        target_size=_pair(job.target_size))
+        target_size=_pair(job.target_size), max_chunks=job.max_chunks)
 
 
 def _pair(values) -> tuple[int, int] | None:

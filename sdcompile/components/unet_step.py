@@ -22,7 +22,7 @@ VERIFY_SAMPLER, VERIFY_EVALUATION = "dpmpp_2m_sde", 5  # an evaluation with stor
 
 class UNetStepWrapper(UNetWrapper):
     def forward(self, state, timestep, input_scale, encoder_hidden_states, *rest):
-        # state (W, B, 4, h, w); noise (B, 4, h, w); encoder_hidden_states (2B, 77, ctx) as [uncond; cond];
+        # state (W, B, 4, h, w); noise (B, 4, h, w); encoder_hidden_states (2B, 77·chunks, ctx) as [uncond; cond];
         # rest: SDXL's text_embeds (2B, P) and time_ids (2B, 6), then guidance, update, noise
         *added, guidance, update, noise = rest
         x_in = input_scale * state[0]
@@ -47,7 +47,7 @@ def _sample(recipe: Recipe, binding: ShapeBinding, generator: torch.Generator) -
 
 
 def unet_step_spec(recipe: Recipe) -> ComponentSpec:
-    cfg, ctx = recipe.unet, recipe.text_encoder
+    cfg = recipe.unet
     latent = ("batch", cfg.in_channels, "latent_height", "latent_width")
     state = (STATE_WIDTH, *latent)
     return ComponentSpec(
@@ -56,7 +56,7 @@ def unet_step_spec(recipe: Recipe) -> ComponentSpec:
         inputs=(TensorSpec("state", "float32", state),
                 TensorSpec("timestep", "float32", (1,)),
                 TensorSpec("input_scale", "float32", (1,)),
-                TensorSpec("encoder_hidden_states", "float32", ("guided_batch", ctx.context_length, cfg.context_dim)),
+                TensorSpec("encoder_hidden_states", "float32", ("guided_batch", "context_tokens", cfg.context_dim)),
                 *added_conditioning_inputs(recipe, "guided_batch"),
                 TensorSpec("guidance", "float32", (1,)),
                 TensorSpec("update", "float32", (STATE_WIDTH, STATE_WIDTH + 2)),
