@@ -21,7 +21,7 @@ from pathlib import Path
 from sdrun.atomic import write_atomic
 from sdrun.errors import UserError
 from sdrun.recipe import Recipe, recipe_from_dict
-from sdrun.tokenizer import ClipTokenizer
+from sdrun.tokenizer import CONTEXT_LENGTH, ClipTokenizer
 
 FORMAT = "sdcompile-bundle"
 FORMAT_VERSION = 2  # 2: the step-fused UNet takes a sampler state and update (any sampler)
@@ -48,7 +48,8 @@ class ShapeBinding:
 
     Batch counts prompts; `cfg_batch` is the UNet/text-encoder batch, 2·batch with classifier-free
     guidance and batch without it; `guided_batch` is always 2·batch (the step-fused UNet guides every
-    step). Heights and widths in pixels (`image_*`) or latent cells (`latent_*`).
+    step). Heights and widths in pixels (`image_*`) or latent cells (`latent_*`); `context_tokens` is the
+    UNet context's token axis, one text encoder window per prompt chunk (77·chunks).
     """
 
     batch: int
@@ -56,12 +57,13 @@ class ShapeBinding:
     image_height: int
     image_width: int
     vae_scale: int
+    context_tokens: int = CONTEXT_LENGTH
 
     def value(self, symbol: str) -> int:
         values = {"batch": self.batch, "cfg_batch": self.cfg_batch, "guided_batch": 2 * self.batch,
                   "image_height": self.image_height, "image_width": self.image_width,
                   "latent_height": self.image_height // self.vae_scale,
-                  "latent_width": self.image_width // self.vae_scale}
+                  "latent_width": self.image_width // self.vae_scale, "context_tokens": self.context_tokens}
         return values[symbol]
 
 
@@ -79,7 +81,8 @@ def binding_from_feeds(record: "ComponentRecord", feeds: dict, vae_scale: int) -
     height = values.get("image_height", values.get("latent_height", 0) * vae_scale)
     width = values.get("image_width", values.get("latent_width", 0) * vae_scale)
     batch = values.get("batch", values.get("cfg_batch", 0))
-    return ShapeBinding(batch, values.get("cfg_batch", batch), height, width, vae_scale)
+    return ShapeBinding(batch, values.get("cfg_batch", batch), height, width, vae_scale,
+                        values.get("context_tokens", CONTEXT_LENGTH))
 
 
 @dataclasses.dataclass(frozen=True)

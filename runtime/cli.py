@@ -60,6 +60,8 @@ def generation_options(command):
                      help="SDXL: the crop offset the UNet is told of, pixels [default: 0 0]"),
         click.option("--target-size", type=int, nargs=2, metavar="HEIGHT WIDTH",
                      help="SDXL: the size the UNet is told to aim for [default: the output size]"),
+        click.option("--max-chunks", type=int, help="75-token prompt chunks allowed (longer prompts are refused) "
+                     "[default: the most the bundle's UNet takes]"),
         click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True),
         click.option("--init-noise", type=click.Path(path_type=Path), help=".npy (batch, 4, h/8, w/8) float32 noise"),
         click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True),

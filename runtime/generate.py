@@ -17,7 +17,7 @@ from sdrun.image_input import DEFAULT_RESIZE_MODE, ResizeMode, fit_pixels, load_
 from sdrun.images import model_image, output_paths, parameters_text, write_png
 from sdrun.lora import parse_lora_option, prompt_lora_tags
 from sdrun.masks import blurred, read_mask
-from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
+from sdrun.pipeline import GenerationRequest, GenerationResult, check_prompts, complete_request
 from sdrun.samplers import resolve_sampler
 from sdrun.sampling import DEFAULT_SAMPLER
 from sdrun.session import open_for_run, pipeline_on
@@ -58,12 +58,14 @@ class GenerateJob:
     quiet: bool = False
     server: str | None = None  # http://HOST:PORT of a running `sdrun serve`: generate there
     timeout: float = 600.0  # seconds the server may take (with --server)
+    max_chunks: int | None = None  # 75-token prompt chunks allowed; None: the bundle's most
 
 
 # Options a server request does not carry, and their values when not given.
 LOCAL_ONLY = {"batch": 1, "eta": None, "backend": "auto", "init_noise": None, "threads": None, "cuda_graph": False,
               "karras": None, "spacing": None, "device": None, "dtype": None, "lora": (), "lora_dir": None,
-              "original_size": None, "crop": None, "target_size": None, "mask": None, "mask_blur": 0.0}
+              "original_size": None, "crop": None, "target_size": None, "mask": None, "mask_blur": 0.0,
+              "max_chunks": None}
 
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
@@ -79,6 +81,7 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     loras = [*(parse_lora_option(text) for text in job.lora), *tagged]
     bundle = open_for_run(job.bundle, img2img=img2img)
     request = complete_request(_request(dataclasses.replace(job, prompt=prompt)), bundle.recipe, img2img=img2img)
+    check_prompts(request, bundle)
     if img2img:
         with stage("reading the input image"):
             request = _with_image(job, request, echo)
@@ -90,9 +93,6 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
         result = loaded.pipeline.generate(request, on_step=progress)
     for warning in result.warnings:
         echo(f"warning: {warning}")
-    for dropped in set(result.dropped_tokens) - {0}:
-        echo(f"warning: the prompt is longer than {bundle.manifest.tokenizer['context_length']} tokens; "
-             f"{dropped} tokens were dropped")
     with stage("writing the PNG"):
         paths = write_images(job.out, result, bundle, backend, img2img, job.prompt, loaded.loras)
     if not job.quiet:
@@ -208,7 +208,7 @@ def _request(job: GenerateJob) -> GenerationRequest:
         init_noise=_load_noise(job.init_noise) if job.init_noise else None,
         strength=job.strength if job.strength is not None else 0.75, sampler=job.sampler, karras=job.karras,
         spacing=job.spacing, original_size=_pair(job.original_size), crop=_pair(job.crop),
-        target_size=_pair(job.target_size))
+        target_size=_pair(job.target_size), max_chunks=job.max_chunks)
 
 
 def _with_image(job: GenerateJob, request: GenerationRequest, echo: Callable[[str], None]) -> GenerationRequest:

@@ -1,8 +1,12 @@
 """txt2img / img2img: tokenize ▶ text encoder(s) ▶ sampler loop ▶ VAE decode, written once for every backend.
 
-SDXL's two encoders each read the prompts padded their own way; their hidden states are concatenated
-into the context, and the UNet also sees the second's pooled text and six pixel sizes per image
-(`SizeConditioning`: original size, crop, target size; default the output size and (0, 0)).
+Prompts are read for emphasis and split into 75-token chunks as the AUTOMATIC1111 web UI does
+(`sdrun.tokenizer`, `sdrun.prompt_weights`); each chunk is encoded on its own, weighted, and the chunks'
+hidden states are concatenated into a context of 77·chunks tokens, every prompt of a loop (negatives
+too) padded with empty chunks to the longest. SDXL's two encoders each read the prompts padded their
+own way; their hidden states are concatenated along the features, and the UNet also sees the second's
+pooled text (of the first chunk) and six pixel sizes per image (`SizeConditioning`: original size,
+crop, target size; default the output size and (0, 0)).
 
 Numerics only: no file I/O here (the CLI reads and writes files), no RNG beyond the
 documented generator seeded by the caller: `numpy.random.default_rng(seed)` draws, in this
@@ -34,13 +38,15 @@ from sdrun.bundle import Bundle, Manifest
 from sdrun.errors import UserError
 from sdrun.latent_blend import latent_blend
 from sdrun.masks import check_mask, latent_mask, mask_warnings, masked_image, overlay
+from sdrun.prompt_weights import emphasize
 from sdrun.recipe import Recipe, ShapeRange
 from sdrun.sampling import Conditioning, draw_noises, sample_plan, sampler_plan, step_feeds
 from sdrun.sdxl_conditioning import SizeConditioning
-from sdrun.tokenizer import TokenizedBatch
+from sdrun.tokenizer import CONTEXT_LENGTH, TokenizedBatch
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # component names, in the recipe's `text_encoders` order
 POOLED_OUTPUT = "pooled_embeddings"
+CHUNK_TOKENS = CONTEXT_LENGTH - 2  # prompt tokens per chunk, between its start and end tokens
 SIZE_MULTIPLE = 8  # SDXL's size conditioning: pixel sizes, as its training data's, in multiples of 8
 
 
@@ -66,6 +72,7 @@ class GenerationRequest:
     original_size: tuple[int, int] | None = None
     crop: tuple[int, int] | None = None  # (top, left)
     target_size: tuple[int, int] | None = None
+    max_chunks: int | None = None  # prompt chunks of 75 tokens allowed; None: the most the bundle's UNet takes
     validated: bool = dataclasses.field(default=False, compare=False)  # set by `complete_request` alone
 
 
@@ -76,9 +83,9 @@ class GenerationResult:
     decoded: np.ndarray  # (B, 3, H, W) float32 VAE output in [-1, 1] (unclipped; inpainting: before the overlay)
     request: GenerationRequest  # with every default filled in
     timer: StageTimer
-    dropped_tokens: tuple[int, ...]  # per prompt, tokens cut off at 77
+    prompt_chunks: int  # 77-token chunks of the context the images were conditioned on
     step_fused: bool
-    warnings: tuple[str, ...] = ()  # what the sampler warns of (e.g. LCM with guidance > 1)
+    warnings: tuple[str, ...] = ()  # what the sampler and the prompts' emphasis syntax warn of
 
 
 class Pipeline:
@@ -93,6 +100,7 @@ class Pipeline:
         self.timer = StageTimer()
         self.runners = {name: _TimedRunner(r, name, self) for name, r in runners.items()}
         self.step_fused = "unet_step" in runners
+        self.max_chunks = max_prompt_chunks(bundle.manifest)
         # A backend that runs the whole step-fused loop on its device offers it (TensorRT).
         self.resident_loop = getattr(runners.get("unet_step"), "resident_loop", None)
 
@@ -101,7 +109,7 @@ class Pipeline:
         return request if request.validated else complete_request(request, self.recipe)
 
     def token_ids(self, prompts: list[str], encoder: int = 0) -> TokenizedBatch:
-        """`.ids`: (len(prompts), context_length) int32, padded as the recipe's text encoder `encoder` was trained."""
+        """`.ids`: (len(prompts), chunks·context_length) int32, padded as the recipe's text encoder `encoder` was trained."""
         config = self.recipe.text_encoders[encoder]
         tokenizer = self.bundle.tokenizer
         return tokenizer(prompts, tokenizer.pad_id(config.padding), config.context_length)
@@ -129,7 +137,7 @@ class Pipeline:
         self.timer = StageTimer()
         started = time.perf_counter()
         rngs = [np.random.default_rng(r.seed) for r in requests]
-        conditioning, dropped = self.conditioning(requests)
+        conditioning, tokens = self.conditioning(requests)
         plan = self.sampler_plan(first)
         if first.image is None:
             x0, noise = None, np.concatenate([self._initial_noise(r, rng) for r, rng in zip(requests, rngs)])
@@ -149,9 +157,10 @@ class Pipeline:
         pixels = decoded if masks is None else overlay(decoded, _batched(requests, "image"), masks)
         self.timer.add("total", time.perf_counter() - started)
         bounds = np.cumsum([0, *(r.batch for r in requests)])
-        return [GenerationResult(to_uint8(pixels[a:b]), latents[a:b], decoded[a:b], r, self.timer, d,
-                                 self.step_fused, plan.warnings + (mask_warnings(r.mask) if r.mask is not None else ()))
-                for r, a, b, d in zip(requests, bounds, bounds[1:], dropped)]
+        return [GenerationResult(to_uint8(pixels[a:b]), latents[a:b], decoded[a:b], r, self.timer,
+                                 tokens.chunk_count, self.step_fused,
+                                 (*plan.warnings, *tokens.warnings, *(mask_warnings(r.mask) if r.mask is not None else ())))
+                for r, a, b in zip(requests, bounds, bounds[1:])]
 
     def _denoise(self, plan, noise, x0, conditioning, guidance, noises, on_step, blend=None) -> np.ndarray:
         def progress(e: int, x: np.ndarray) -> None:
@@ -168,31 +177,32 @@ class Pipeline:
         check_finite(latents, f"the {len(plan)}-evaluation {plan.name} loop")
         return latents
 
-    def conditioning(self, requests: Sequence[GenerationRequest]) -> tuple[Conditioning, list[tuple[int, ...]]]:
+    def conditioning(self, requests: Sequence[GenerationRequest]) -> tuple[Conditioning, TokenizedBatch]:
         """The UNet's conditioning for N images of completed requests, rows [negatives; prompts] when guided
-        (`sdrun.sampling`); and per request the tokens cut off per prompt (its negatives' then its prompts')."""
+        (`sdrun.sampling`), and the first encoder's tokens (chunks per prompt, emphasis warnings)."""
         prompts = [r.prompt for r in requests for _ in range(r.batch)]
         guided = requests[0].guidance != 1.0
         negatives = [r.negative_prompt for r in requests for _ in range(r.batch)] if guided else []
         tokens = self.text_tokens(negatives + prompts)
+        first = tokens[TEXT_ENCODERS[0]]
+        rows = [r for r in requests for _ in range(r.batch)] * (2 if guided else 1)
+        for i, (request, chunks) in enumerate(zip(rows, first.chunks)):
+            check_chunks(chunks, allowed_chunks(request, self.max_chunks), positive=i >= len(negatives))
         start = time.perf_counter()
-        outputs = {name: self.runners[name].run({"input_ids": t.ids}) for name, t in tokens.items()}
-        context = np.concatenate([out["text_embeddings"] for out in outputs.values()], axis=-1)  # (2N, L, D)
+        outputs = {name: encode_chunks(self.runners[name], t, config.context_length)
+                   for (name, t), config in zip(tokens.items(), self.recipe.text_encoders)}
+        context = np.concatenate([out["text_embeddings"] for out in outputs.values()], axis=-1)  # (2N, 77·k, D)
         self.timer.add("text_encoder", time.perf_counter() - start)
         check_finite(context, "text encoder")
         conditioning = {"encoder_hidden_states": context}
         if self.recipe.unet.adm_in_channels:
             sizes = [size_conditioning(r) for r in requests for _ in range(r.batch)]
-            conditioning["text_embeds"] = next(o[POOLED_OUTPUT] for o in outputs.values() if POOLED_OUTPUT in o).copy()
+            conditioning["text_embeds"] = next(o[POOLED_OUTPUT] for o in outputs.values() if POOLED_OUTPUT in o)
             conditioning["time_ids"] = np.array(sizes * (2 if guided else 1), np.float32)  # (2N, 6)
         if self.recipe.unet.inpainting:
             inpainting = self._inpainting_conditioning(requests)
             conditioning |= {name: np.concatenate([rows] * (2 if guided else 1)) for name, rows in inpainting.items()}
-        dropped_all = tokens[TEXT_ENCODERS[0]].dropped
-        bounds = np.cumsum([0, *(r.batch for r in requests)])
-        cut_negatives, cut_prompts = dropped_all[:len(negatives)], dropped_all[len(negatives):]
-        dropped = [(*cut_negatives[a:b], *cut_prompts[a:b]) for a, b in zip(bounds, bounds[1:])]
-        return conditioning, dropped
+        return conditioning, first
 
     def _initial_noise(self, request: GenerationRequest, rng: np.random.Generator) -> np.ndarray:
         shape = latent_shape(request, self.recipe)
@@ -240,6 +250,63 @@ def _batched(requests: Sequence[GenerationRequest], field: str) -> np.ndarray:
 def starts_from_image(request: GenerationRequest) -> bool:
     """Whether the loop starts from the noised image (img2img, inpainting below strength 1) or from noise."""
     return request.image is not None and (request.mask is None or request.strength < 1.0)
+
+
+def encode_chunks(runner: GraphRunner, tokens: TokenizedBatch, length: int) -> dict[str, np.ndarray]:
+    """A text encoder's outputs for chunked token ids (B, k·length): each chunk encoded on its own and
+    weighted (`emphasize`), the hidden states (B, k·length, W) concatenated along the tokens; the pooled
+    text is the first chunk's, as the web UI takes it."""
+    hidden, pooled = [], {}
+    for c in range(tokens.chunk_count):
+        window = slice(c * length, (c + 1) * length)
+        out = runner.run({"input_ids": np.ascontiguousarray(tokens.ids[:, window])})
+        hidden.append(emphasize(out["text_embeddings"], tokens.weights[:, window]))  # a copy: runners reuse buffers
+        if c == 0 and POOLED_OUTPUT in out:
+            pooled[POOLED_OUTPUT] = out[POOLED_OUTPUT].copy()
+    return {"text_embeddings": np.concatenate(hidden, axis=1), **pooled}
+
+
+def max_prompt_chunks(manifest: Manifest) -> int:
+    """The most prompt chunks the bundle's UNet takes: the profile max of its context axis over one encoder
+    window (1 for a bundle exported with a fixed 77-token context)."""
+    recipe = manifest.recipe
+    unet = next((manifest.components[n] for n in ("unet", "unet_step") if n in manifest.components), None)
+    profile = unet.profile.get("encoder_hidden_states") if unet is not None else None
+    if profile is None:
+        return recipe.max_prompt_chunks
+    return profile["max"][1] // recipe.text_encoder.context_length
+
+
+def allowed_chunks(request: GenerationRequest, bundle_max: int) -> int:
+    """`request.max_chunks`, or the bundle's most when None; UserError past what the bundle's UNet takes."""
+    if request.max_chunks is None:
+        return bundle_max
+    if request.max_chunks > bundle_max:
+        raise UserError(f"--max-chunks {request.max_chunks} is more than this bundle's UNet takes.",
+                        expected=f"1..{bundle_max}", got=str(request.max_chunks),
+                        fix=f"use --max-chunks {bundle_max} or less, or re-export with a larger max_prompt_chunks")
+    return request.max_chunks
+
+
+def check_chunks(chunks: int, allowed: int, positive: bool) -> None:
+    if chunks > allowed:
+        which, size = "prompt" if positive else "negative prompt", CHUNK_TOKENS
+        raise UserError(f"the {which} fills {chunks} chunks of {size} tokens; at most {allowed} are allowed.",
+                        expected=f"at most {allowed} chunks (--max-chunks {allowed}), up to {allowed * size} tokens "
+                                 "(fewer where a chunk ends at a comma or BREAK)", got=f"{chunks} chunks",
+                        fix=f"shorten the {which}, allow more with --max-chunks (up to the bundle's most), "
+                            "or re-export with a larger max_prompt_chunks in the recipe")
+
+
+def check_prompts(request: GenerationRequest, bundle: Bundle) -> int:
+    """Read a completed request's prompts before any heavy work: UserError for a weight that is not a number
+    or more chunks than allowed; returns the chunks its context will have (the longer prompt's)."""
+    allowed = allowed_chunks(request, max_prompt_chunks(bundle.manifest))
+    texts = [request.prompt, *([request.negative_prompt] if request.guidance != 1.0 else [])]
+    tokens = bundle.tokenizer(texts, pad_id=0)
+    for i, chunks in enumerate(tokens.chunks):
+        check_chunks(chunks, allowed, positive=i == 0)
+    return tokens.chunk_count
 
 
 def batch_key(request: GenerationRequest) -> tuple:
@@ -291,6 +358,10 @@ def validate_request(request: GenerationRequest, recipe: Recipe, img2img: bool) 
     _check_size_conditioning(request, recipe)
     if request.mask is not None:
         check_mask(request.mask, request.image, request.batch)
+    chunks = request.max_chunks
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        raise UserError("--max-chunks must be a positive integer.", got=repr(chunks),
+                        fix=f"e.g. --max-chunks {recipe.max_prompt_chunks}, or leave it out for the bundle's most")
     request_plan(request, recipe, img2img)  # every sampler option, strength included (milliseconds)
     if request.guidance < 1.0:
         raise UserError("guidance must be >= 1.", got=str(request.guidance), fix="use 1 (off) or e.g. 7.5")

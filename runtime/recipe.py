@@ -187,6 +187,13 @@ class Recipe:
     shapes: ShapeRanges
     text_encoder_2: TextEncoderConfig | None = None  # SDXL: its hidden states are concatenated after encoder 1's
     default_sampler: str = "ddim"  # a name or id from `sdrun samplers`
+    # Long prompts: the UNet's context takes 1..this many chunks of `text_encoder.context_length` tokens
+    max_prompt_chunks: int = 3
+
+    @property
+    def max_context_tokens(self) -> int:
+        """The longest context the UNet graph takes (tokens): every chunk is one text encoder window."""
+        return self.max_prompt_chunks * self.text_encoder.context_length
 
     @property
     def vae_scale(self) -> int:
@@ -218,6 +225,9 @@ def recipe_from_dict(data: dict, source: str = "<manifest>") -> Recipe:
 
 def _check_recipe(recipe: Recipe, path: Path) -> None:
     _check_sampler(recipe.default_sampler, path)
+    if recipe.max_prompt_chunks < 1:
+        raise UserError(f"{path}: max_prompt_chunks must be at least 1.", got=str(recipe.max_prompt_chunks),
+                        fix="use 1 (prompts of up to 75 tokens) or more")
     for axis in ("batch", "height", "width"):
         rng = getattr(recipe.shapes, axis)
         if not 1 <= rng.min <= rng.opt <= rng.max:

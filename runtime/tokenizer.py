@@ -4,8 +4,10 @@ Produces the ids of `open_clip.tokenize` (SD 2.x) and, with `pad_id=49407`, of t
 `CLIPTokenizer` SD 1.x uses (same vocabulary, padding with the end token).
 
 Stages: clean the text, split it into words, map each word's UTF-8 bytes to printable characters,
-merge them with the ranked BPE merges, look the symbols up in the vocabulary, then add start/end
-tokens, truncate and pad to the context length.
+merge them with the ranked BPE merges, look the symbols up in the vocabulary. A prompt is first read
+for emphasis (`sdrun.prompt_weights`: `(text)`, `[text]`, `(text:1.5)`, `BREAK`); its tokens are split
+into chunks of context length − 2 as the AUTOMATIC1111 web UI splits them (`split_chunks`), and each
+chunk is framed with start/end tokens and padded to the context length. Nothing is truncated.
 
 Text cleaning uses `ftfy.fix_text` when ftfy is installed (`TextRepair.FTFY`, what CLIP was
 trained with). Without it (`TextRepair.NONE`) prompts are not repaired: mojibake ("cafÃ©") stays,
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrun.errors import MissingDependencyError, UserError
+from sdrun.prompt_weights import parse_prompt
 from sdrun.recipe import TokenizerPadding
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -44,6 +47,9 @@ END_OF_WORD = "</w>"
 # 256 bytes + 256 bytes-with-</w> + merges + 2 specials = 49408 ids.
 NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2
+# The web UI's `comma_padding_backtrack`: a full chunk whose last comma is among its last 20 tokens ends
+# after that comma, and the tokens after it start the next chunk.
+COMMA_BACKTRACK = 20
 
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 # CLIP's pattern is case-insensitive: after lower-casing, the long s is the only character that
@@ -63,10 +69,20 @@ class TextRepair(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenizedBatch:
-    """Token ids ready for the text encoder."""
+    """Token ids ready for the text encoder: one window of the context length per prompt chunk."""
 
-    ids: np.ndarray  # (B, context_length) int32: start, prompt tokens, end, padding
-    dropped: tuple[int, ...]  # per prompt: prompt tokens cut off by truncation
+    ids: np.ndarray  # (B, chunks·context_length) int32: per chunk start, prompt tokens, end, padding
+    weights: np.ndarray  # (B, chunks·context_length) float32: each token's emphasis; 1 at start, end, padding
+    chunks: tuple[int, ...]  # per prompt: the chunks its text fills; the batch pads the rest with empty chunks
+    warnings: tuple[str, ...] = ()  # what the prompts' emphasis syntax warns of (unbalanced brackets)
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunks per row of `ids` (the most any prompt of the batch fills, at least 1)."""
+        return max((*self.chunks, 1))
+
+
+WeightedTokens = list[tuple[int, float]]  # (token id, emphasis) in prompt order
 
 
 class _CharClass(enum.Enum):
@@ -196,6 +212,7 @@ class ClipTokenizer:
         self.repair, self._fix_text = load_text_fixer(repair)
         self.start_id = self._ids[START_OF_TEXT]
         self.end_id = self._ids[END_OF_TEXT]
+        self.comma_id = self._ids["," + END_OF_WORD]
         self.vocab_size = len(vocab)
 
     @classmethod
@@ -216,13 +233,23 @@ class ClipTokenizer:
             ids.extend(self._word_ids[word])
         return ids
 
+    def weighted_pieces(self, prompt: str) -> tuple[list[WeightedTokens | None], tuple[str, ...]]:
+        """A prompt's weighted tokens per emphasis fragment (None: a BREAK), and what its syntax warns of."""
+        parsed = parse_prompt(prompt)
+        pieces = [None if f is None else [(t, f.weight) for t in self.encode(f.text)] for f in parsed.fragments]
+        return pieces, parsed.warnings
+
     def __call__(self, texts: Sequence[str], pad_id: int,
                  context_length: int = CONTEXT_LENGTH) -> TokenizedBatch:
-        """(B, context_length) ids: start, prompt, end, then `pad_id` (SD1: 49407, SD2: 0)."""
+        """(B, chunks·context_length) ids: per chunk start, prompt, end, then `pad_id` (SD1: 49407, SD2: 0)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of prompts, not one string")
-        return pack_tokens([self.encode(text) for text in texts], self.start_id, self.end_id,
-                           pad_id, context_length)
+        chunked, warnings = [], []
+        for text in texts:
+            pieces, warned = self.weighted_pieces(text)
+            chunked.append(split_chunks(pieces, self.comma_id, context_length - 2))
+            warnings += [w for w in warned if w not in warnings]
+        return pack_chunks(chunked, self.start_id, self.end_id, pad_id, context_length, tuple(warnings))
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
         try:
@@ -246,15 +273,52 @@ class ClipTokenizer:
         return symbols
 
 
-def pack_tokens(token_lists: Sequence[Sequence[int]], start_id: int, end_id: int, pad_id: int,
-                context_length: int = CONTEXT_LENGTH) -> TokenizedBatch:
-    """Frame each prompt with start/end, cut to `context_length` keeping the end token, pad."""
+def split_chunks(pieces: Sequence[WeightedTokens | None], comma_id: int, length: int,
+                 backtrack: int = COMMA_BACKTRACK) -> list[WeightedTokens]:
+    """Weighted tokens (None: a BREAK) -> chunks of at most `length`, as the web UI splits them.
+
+    A token that finds the chunk full starts a new one; unless that token is itself a comma, a full chunk
+    whose last comma is among its last `backtrack` tokens ends after the comma, and the tokens after it
+    move to the new chunk.
+    BREAK ends the chunk wherever it is (an empty one too). A prompt always has at least one chunk.
+    """
+    chunks: list[WeightedTokens] = []
+    chunk: WeightedTokens = []
+    last_comma = None  # index in `chunk`
+    for piece in pieces:
+        if piece is None:
+            chunks.append(chunk)
+            chunk, last_comma = [], None
+            continue
+        for token, weight in piece:
+            if len(chunk) == length:
+                near = last_comma is not None and length - last_comma <= backtrack and token != comma_id
+                cut = last_comma + 1 if near else length
+                chunks.append(chunk[:cut])
+                chunk, last_comma = chunk[cut:], None
+            if token == comma_id:
+                last_comma = len(chunk)
+            chunk.append((token, weight))
+    if chunk or not chunks:
+        chunks.append(chunk)
+    return chunks
+
+
+def pack_chunks(prompts: Sequence[Sequence[WeightedTokens]], start_id: int, end_id: int, pad_id: int,
+                context_length: int = CONTEXT_LENGTH, warnings: tuple[str, ...] = ()) -> TokenizedBatch:
+    """Frame every chunk with start/end and pad it to `context_length`; every prompt gets as many chunks as
+    the longest (empty ones: start, end, padding)."""
     if context_length < 2:
         raise ValueError(f"context_length must fit start and end tokens, got {context_length}")
-    room = context_length - 2
-    ids = np.full((len(token_lists), context_length), pad_id, dtype=np.int32)
-    for row, tokens in enumerate(token_lists):
-        framed = [start_id, *tokens[:room], end_id]
-        ids[row, :len(framed)] = framed
-    dropped = tuple(max(0, len(tokens) - room) for tokens in token_lists)
-    return TokenizedBatch(ids=ids, dropped=dropped)
+    count = max((len(chunks) for chunks in prompts), default=1)
+    ids = np.full((len(prompts), count, context_length), pad_id, dtype=np.int32)
+    weights = np.ones((len(prompts), count, context_length), dtype=np.float32)
+    for row, chunks in enumerate(prompts):
+        for c, chunk in enumerate([*chunks, *[[]] * (count - len(chunks))]):
+            if len(chunk) > context_length - 2:
+                raise ValueError(f"a chunk of {len(chunk)} tokens does not fit {context_length} with start and end")
+            ids[row, c, :len(chunk) + 2] = [start_id, *(t for t, _ in chunk), end_id]
+            weights[row, c, 1:len(chunk) + 1] = [w for _, w in chunk]
+    flat = (len(prompts), count * context_length)
+    return TokenizedBatch(ids.reshape(flat), weights.reshape(flat),
+                          tuple(len(chunks) for chunks in prompts), warnings)

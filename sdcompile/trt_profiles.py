@@ -3,8 +3,9 @@
 Shapes start from the recipe's ranges (batch in prompts, height and width in pixels), take the
 user's overrides, and become per-input shapes through the manifest's symbolic dims: the UNet
 and text encoder see `cfg_batch` (batch.min up to 2·batch.max, classifier-free guidance
-doubling the batch), the UNet and VAE decoder see latent cells (pixels / vae_scale). A static
-profile pins every level to `opt`. Pure: no TensorRT, no files.
+doubling the batch), the UNet and VAE decoder see latent cells (pixels / vae_scale), the UNet's
+context spans one to `max_prompt_chunks` 77-token chunks (`context_tokens`). A static profile pins
+every level to `opt` (one chunk). Pure: no TensorRT, no files.
 """
 from __future__ import annotations
 
@@ -73,19 +74,27 @@ def check_ranges(ranges: ShapeRanges, size_multiple: int, overrides: dict | None
                             fix=f"round {bad[0]} to {_nearest_multiple(bad[0], size_multiple)}")
 
 
-def bindings_from_ranges(ranges: ShapeRanges, vae_scale: int, mode: ShapeMode) -> dict[str, ShapeBinding]:
+def bindings_from_ranges(ranges: ShapeRanges, vae_scale: int, mode: ShapeMode,
+                         context: ShapeRange) -> dict[str, ShapeBinding]:
     """Symbol values per level; `cfg_batch` spans batch.min (guidance 1) to 2·batch.max (CFG).
 
     Static engines serve classifier-free guidance at the opt batch: cfg_batch = 2·batch.opt.
     (`guided_batch`, the step-fused UNet's, is 2·batch at every level by its definition.)
+    `context` is the UNet context's token range (`context_range`).
     """
-    b, h, w = ranges.batch, ranges.height, ranges.width
+    b, h, w, c = ranges.batch, ranges.height, ranges.width, context
     if mode is ShapeMode.STATIC:
-        opt = ShapeBinding(b.opt, 2 * b.opt, h.opt, w.opt, vae_scale)
+        opt = ShapeBinding(b.opt, 2 * b.opt, h.opt, w.opt, vae_scale, c.opt)
         return {level: opt for level in LEVELS}
-    return {"min": ShapeBinding(b.min, b.min, h.min, w.min, vae_scale),
-            "opt": ShapeBinding(b.opt, 2 * b.opt, h.opt, w.opt, vae_scale),
-            "max": ShapeBinding(b.max, 2 * b.max, h.max, w.max, vae_scale)}
+    return {"min": ShapeBinding(b.min, b.min, h.min, w.min, vae_scale, c.min),
+            "opt": ShapeBinding(b.opt, 2 * b.opt, h.opt, w.opt, vae_scale, c.opt),
+            "max": ShapeBinding(b.max, 2 * b.max, h.max, w.max, vae_scale, c.max)}
+
+
+def context_range(recipe: Recipe) -> ShapeRange:
+    """The UNet context's tokens: one chunk (min and opt, what short prompts use) to `max_prompt_chunks`."""
+    one = recipe.text_encoder.context_length
+    return ShapeRange(one, one, recipe.max_context_tokens)
 
 
 def shapes_from_bindings(inputs: tuple[TensorSpec, ...], bindings: dict[str, ShapeBinding]) -> dict:
@@ -96,7 +105,8 @@ def shapes_from_bindings(inputs: tuple[TensorSpec, ...], bindings: dict[str, Sha
 def profile_from_request(recipe: Recipe, inputs: tuple[TensorSpec, ...], request: ShapeRequest) -> dict:
     """The engine profile of one component: recipe ranges + overrides -> per-input min/opt/max."""
     ranges = request_ranges(recipe, request)
-    return shapes_from_bindings(inputs, bindings_from_ranges(ranges, recipe.vae_scale, request.mode))
+    bindings = bindings_from_ranges(ranges, recipe.vae_scale, request.mode, context_range(recipe))
+    return shapes_from_bindings(inputs, bindings)
 
 
 def is_static(profile: dict) -> bool:

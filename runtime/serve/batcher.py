@@ -5,7 +5,9 @@ one error or none; a denoising loop can only take images of one size, step count
 bad request must not fail its neighbours. So the Triton model takes one request per execution
 (several executions at once) and hands it here: a worker takes the oldest waiting request, waits
 at most `max_delay_s` for others with the same `batch_key` until `max_images` are together, and
-runs them as one loop; requests of another kind wait for the next loop, in arrival order.
+runs them as one loop; requests of another kind wait for the next loop, in arrival order. The caller
+may give a finer key than `batch_key` (the server adds the prompt chunks, so that no prompt is padded
+to a longer neighbour's context).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class LoopBatcher:
         """One worker thread per entry of `runs` (each its own pipeline, so loops run side by side)."""
         self.max_images, self.max_delay_s = max_images, max_delay_s
         self._pending: list[tuple[GenerationRequest, Future]] = []
+        self._keys: dict[int, tuple] = {}  # id(future) -> the key its request is batched by
         self._ready = threading.Condition()
         self._closed = False
         self._workers = [threading.Thread(target=self._work, args=(run,), daemon=True, name=f"sdrun-loop-{i}")
@@ -31,11 +34,13 @@ class LoopBatcher:
         for worker in self._workers:
             worker.start()
 
-    def submit(self, request: GenerationRequest) -> Future:
+    def submit(self, request: GenerationRequest, key: tuple | None = None) -> Future:
+        """Queue `request`; it shares loops with requests of the same `key` (None: its `batch_key`)."""
         future: Future = Future()
         with self._ready:
             if self._closed:
                 raise RuntimeError("the server is stopping")
+            self._keys[id(future)] = batch_key(request) if key is None else key
             self._pending.append((request, future))
             self._ready.notify_all()
         return future
@@ -78,14 +83,15 @@ class LoopBatcher:
                 self._ready.wait(remaining)
             for entry in group:
                 self._pending.remove(entry)
+                del self._keys[id(entry[1])]
             return group
 
     def _matching(self) -> list[tuple[GenerationRequest, Future]]:
         """The oldest request and the later ones of its kind that fit in one loop with it."""
-        key = batch_key(self._pending[0][0])
+        key = self._keys[id(self._pending[0][1])]
         group, images = [], 0
         for request, future in self._pending:
-            if batch_key(request) == key and images + request.batch <= self.max_images:
+            if self._keys[id(future)] == key and images + request.batch <= self.max_images:
                 group.append((request, future))
                 images += request.batch
         return group

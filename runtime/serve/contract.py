@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
-MAX_PROMPT_BYTES = 16 * 1024  # far past any prompt's 77-token window; a larger one is refused
+MAX_PROMPT_BYTES = 16 * 1024  # far past the few 75-token chunks a UNet's context takes; a larger one is refused
 
 
 @dataclasses.dataclass(frozen=True)

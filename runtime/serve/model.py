@@ -10,7 +10,7 @@ import numpy as np
 from sdrun.bundle import Bundle
 from sdrun.errors import UserError
 from sdrun.generate import result_parameters
-from sdrun.pipeline import GenerationRequest, GenerationResult, Pipeline
+from sdrun.pipeline import GenerationRequest, GenerationResult, Pipeline, batch_key, check_prompts
 from sdrun.serve.batcher import LoopBatcher
 from sdrun.serve.contract import IMG2IMG
 from sdrun.serve.request import decode_request
@@ -30,10 +30,11 @@ class PipelineModel:
         """One request's output tensors; blocks until its loop has run."""
         try:
             request = decode_request(tensors, self.model, self.bundle.recipe)
+            chunks = check_prompts(request, self.bundle)
         except UserError as err:
             LOG.warning("refused a %s request: %s", self.model, err.message())
             raise
-        return self.batcher.submit(request).result()
+        return self.batcher.submit(request, (batch_key(request), chunks)).result()
 
     def close(self) -> None:
         self.batcher.close()

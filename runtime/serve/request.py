@@ -63,7 +63,7 @@ def _text(name: str, value) -> str:
                         fix=f"send {name} as a BYTES tensor")
     if len(value) > MAX_PROMPT_BYTES:
         raise UserError(f"input {name} is {len(value)} bytes long.", expected=f"at most {MAX_PROMPT_BYTES} bytes",
-                        got=str(len(value)), fix="shorten it: the text encoder reads 77 tokens")
+                        got=str(len(value)), fix="shorten it: the UNet's context holds a few 75-token chunks at most")
     try:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError:

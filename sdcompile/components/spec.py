@@ -36,13 +36,15 @@ class ComponentSpec:
 def profile_bindings(recipe: Recipe) -> dict[str, ShapeBinding]:
     """min/opt/max bindings from the recipe's shape ranges.
 
-    `cfg_batch` spans batch.min (guidance 1 runs one half) to 2·batch.max (classifier-free guidance).
+    `cfg_batch` spans batch.min (guidance 1 runs one half) to 2·batch.max (classifier-free guidance);
+    `context_tokens` one prompt chunk (min, opt) to `max_prompt_chunks` of them.
     """
     shapes, scale = recipe.shapes, recipe.vae_scale
+    one, most = recipe.text_encoder.context_length, recipe.max_context_tokens
     return {
-        "min": ShapeBinding(shapes.batch.min, shapes.batch.min, shapes.height.min, shapes.width.min, scale),
-        "opt": ShapeBinding(shapes.batch.opt, 2 * shapes.batch.opt, shapes.height.opt, shapes.width.opt, scale),
-        "max": ShapeBinding(shapes.batch.max, 2 * shapes.batch.max, shapes.height.max, shapes.width.max, scale),
+        "min": ShapeBinding(shapes.batch.min, shapes.batch.min, shapes.height.min, shapes.width.min, scale, one),
+        "opt": ShapeBinding(shapes.batch.opt, 2 * shapes.batch.opt, shapes.height.opt, shapes.width.opt, scale, one),
+        "max": ShapeBinding(shapes.batch.max, 2 * shapes.batch.max, shapes.height.max, shapes.width.max, scale, most),
     }
 
 

@@ -21,7 +21,7 @@ class UNetWrapper(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # sample (2B, 4, h, w), timestep (1,) shared by the batch, encoder_hidden_states (2B, 77, ctx);
+        # sample (2B, 4, h, w), timestep (1,) shared by the batch, encoder_hidden_states (2B, 77·chunks, ctx);
         # SDXL: text_embeds (2B, P), time_ids (2B, 6)
         return self.unet(sample, timestep, encoder_hidden_states, *self.label((text_embeds, time_ids)))
 
@@ -49,14 +49,14 @@ def _sample(recipe: Recipe, binding: ShapeBinding, generator: torch.Generator) -
 
 
 def unet_spec(recipe: Recipe) -> ComponentSpec:
-    cfg, ctx = recipe.unet, recipe.text_encoder
+    cfg = recipe.unet
     latent = ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")
     return ComponentSpec(
         name="unet",
         model=Component.UNET,
         inputs=(TensorSpec("sample", "float32", latent),
                 TensorSpec("timestep", "float32", (1,)),
-                TensorSpec("encoder_hidden_states", "float32", ("cfg_batch", ctx.context_length, cfg.context_dim)),
+                TensorSpec("encoder_hidden_states", "float32", ("cfg_batch", "context_tokens", cfg.context_dim)),
                 *added_conditioning_inputs(recipe, "cfg_batch")),
         outputs=(TensorSpec("latent", "float32", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width")),),
         wrap=lambda models, recipe: UNetWrapper(models.unet),

@@ -27,7 +27,7 @@ class UNetStepWrapper(UNetWrapper):
         self.inpainting = inpainting
 
     def forward(self, state, timestep, input_scale, encoder_hidden_states, *rest):
-        # state (W, B, 4, h, w); noise (B, 4, h, w); encoder_hidden_states (2B, 77, ctx) as [uncond; cond];
+        # state (W, B, 4, h, w); noise (B, 4, h, w); encoder_hidden_states (2B, 77·chunks, ctx) as [uncond; cond];
         # rest: SDXL's text_embeds (2B, P) and time_ids (2B, 6), an inpainting UNet's mask (2B, 1, h, w) and
         # masked_image_latents (2B, 4, h, w), then guidance, update, noise
         *conditioning, guidance, update, noise = rest
@@ -55,7 +55,7 @@ def _sample(recipe: Recipe, binding: ShapeBinding, generator: torch.Generator) -
 
 
 def unet_step_spec(recipe: Recipe) -> ComponentSpec:
-    cfg, ctx = recipe.unet, recipe.text_encoder
+    cfg = recipe.unet
     latent = ("batch", cfg.out_channels, "latent_height", "latent_width")
     state = (STATE_WIDTH, *latent)
     inpainting = tuple(TensorSpec(name, "float32", ("guided_batch", channels, "latent_height", "latent_width"))
@@ -66,7 +66,7 @@ def unet_step_spec(recipe: Recipe) -> ComponentSpec:
         inputs=(TensorSpec("state", "float32", state),
                 TensorSpec("timestep", "float32", (1,)),
                 TensorSpec("input_scale", "float32", (1,)),
-                TensorSpec("encoder_hidden_states", "float32", ("guided_batch", ctx.context_length, cfg.context_dim)),
+                TensorSpec("encoder_hidden_states", "float32", ("guided_batch", "context_tokens", cfg.context_dim)),
                 *added_conditioning_inputs(recipe, "guided_batch"),
                 *inpainting,
                 TensorSpec("guidance", "float32", (1,)),

@@ -91,7 +91,7 @@ def test_every_caption_fits_the_context_without_unknown_words():
     texts = [caption(shape, colour, background, i) for shape in SHAPES for colour in COLOURS
              for background in COLOURS if background != colour for i in range(len(PHRASINGS))]
     batch = tokenizer(texts, tokenizer.end_id)
-    assert batch.dropped == (0,) * len(texts)
+    assert batch.chunks == (1,) * len(texts) and (batch.weights == 1).all()
     lengths = [len(tokenizer.encode(text)) + 2 for text in texts]
     assert max(lengths) <= CONTEXT_LENGTH
     for word in (*SHAPES, *COLOURS):

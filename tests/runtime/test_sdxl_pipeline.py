@@ -46,6 +46,20 @@ def test_conditioning_is_both_encoders_the_pooled_text_and_the_sizes(pipeline):
     assert np.array_equal(conditioning["encoder_hidden_states"][..., :first.width], hidden)
 
 
+def test_long_prompts_chunk_both_encoders_and_pool_the_first_chunk(pipeline):
+    recipe = pipeline.recipe
+    first, second = recipe.text_encoders
+    long_prompt = f"{PROMPT}, (storm clouds:1.3) BREAK {PROMPT}"
+    conditioning, tokens = pipeline.conditioning([pipeline.complete(GenerationRequest(long_prompt, NEGATIVE))])
+    assert tokens.chunks == (1, 2)
+    assert conditioning["encoder_hidden_states"].shape == (2, 2 * 77, first.width + second.width)
+    ids = pipeline.text_tokens([NEGATIVE, long_prompt])["text_encoder_2"].ids
+    pooled = pipeline.runners["text_encoder_2"].run({"input_ids": ids[:, :77]})["pooled_embeddings"]
+    np.testing.assert_array_equal(conditioning["text_embeds"], pooled)
+    second_chunk = pipeline.runners["text_encoder_2"].run({"input_ids": ids[:, 77:]})["text_embeddings"]
+    np.testing.assert_array_equal(conditioning["encoder_hidden_states"][:, 77:, first.width:], second_chunk)
+
+
 def test_defaults_are_the_output_size_and_no_crop(pipeline):
     completed = pipeline.complete(request())
     assert (completed.original_size, completed.crop, completed.target_size) == ((SIZE, SIZE), (0, 0), (SIZE, SIZE))

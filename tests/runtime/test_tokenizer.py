@@ -1,4 +1,4 @@
-"""CLIP tokenizer: parity with open_clip (SD2) and transformers' CLIPTokenizer (SD1 padding)."""
+"""CLIP tokenizer: parity with open_clip (SD2) and transformers' CLIPTokenizer (SD1 padding), framing and chunks."""
 from __future__ import annotations
 
 import gzip
@@ -13,7 +13,7 @@ import pytest
 
 from sdrun.errors import MissingDependencyError, UserError
 from sdrun.tokenizer import (CONTEXT_LENGTH, VOCAB_FILENAME, VOCAB_SIZE, ClipTokenizer, TextRepair,
-                             byte_alphabet, clean_text, pack_tokens, read_merges, split_words)
+                             byte_alphabet, clean_text, pack_chunks, read_merges, split_words)
 
 
 START, END = 49406, 49407
@@ -61,6 +61,15 @@ def open_clip_ids(texts: list[str]) -> np.ndarray:
     return open_clip.tokenize(texts, context_length=CONTEXT_LENGTH).numpy()
 
 
+def one_window(tokenizer: ClipTokenizer, texts: list[str], pad_id: int) -> np.ndarray:
+    """open_clip's framing of our BPE ids: start, tokens cut to 75, end, padding (no emphasis, one window)."""
+    ids = np.full((len(texts), CONTEXT_LENGTH), pad_id, dtype=np.int32)
+    for row, text in enumerate(texts):
+        framed = [START, *tokenizer.encode(text)[:CONTEXT_LENGTH - 2], END]
+        ids[row, :len(framed)] = framed
+    return ids
+
+
 def zeros_after_end_to_end(ids: np.ndarray) -> np.ndarray:
     """open_clip ids with the padding after the end token set to the end token (SD1 padding)."""
     padded = ids.copy()
@@ -78,14 +87,21 @@ def test_vocabulary_layout(tokenizer):
 
 
 def test_matches_open_clip_with_zero_padding(tokenizer):
-    batch = tokenizer(CORPUS, pad_id=SD2_PAD)
-    assert batch.ids.dtype == np.int32 and batch.ids.shape == (len(CORPUS), CONTEXT_LENGTH)
-    np.testing.assert_array_equal(batch.ids, open_clip_ids(CORPUS))
+    np.testing.assert_array_equal(one_window(tokenizer, CORPUS, SD2_PAD), open_clip_ids(CORPUS))
 
 
 def test_end_token_padding_matches_open_clip_with_padding_replaced(tokenizer):
-    batch = tokenizer(CORPUS, pad_id=SD1_PAD)
-    np.testing.assert_array_equal(batch.ids, zeros_after_end_to_end(open_clip_ids(CORPUS)))
+    np.testing.assert_array_equal(one_window(tokenizer, CORPUS, SD1_PAD), zeros_after_end_to_end(open_clip_ids(CORPUS)))
+
+
+def test_plain_short_prompts_are_one_window(tokenizer):
+    """A prompt of at most 75 tokens without emphasis syntax gives the ids it gave before chunking existed."""
+    texts = [t for t in CORPUS if len(tokenizer.encode(t)) <= CONTEXT_LENGTH - 2 and not set(t) & set("()[]\\")]
+    for pad_id in (SD1_PAD, SD2_PAD):
+        batch = tokenizer(texts, pad_id=pad_id)
+        assert batch.ids.dtype == np.int32 and batch.chunks == (1,) * len(texts)
+        np.testing.assert_array_equal(batch.ids, one_window(tokenizer, texts, pad_id))
+        assert (batch.weights == 1).all()
 
 
 def test_end_token_padding_matches_transformers_clip_tokenizer(tokenizer, vocab_path):
@@ -101,16 +117,18 @@ def test_end_token_padding_matches_transformers_clip_tokenizer(tokenizer, vocab_
     texts += ["café naïve", "東京の夜景", "a cat 🐱 on a rocket 🚀"]
     expected = reference(texts, padding="max_length", max_length=CONTEXT_LENGTH,
                          truncation=True)["input_ids"]
-    np.testing.assert_array_equal(tokenizer(texts, pad_id=SD1_PAD).ids, np.array(expected))
+    np.testing.assert_array_equal(one_window(tokenizer, texts, SD1_PAD), np.array(expected))
 
 
-def test_dropped_counts_tokens_cut_by_truncation(tokenizer):
+def test_long_prompts_fill_chunks_and_nothing_is_cut(tokenizer):
     # "word" is one token, so n words give n tokens; 75 fit between start and end.
     texts = ["word " * 75, "word " * 76, "word " * 120, "a cat"]
     batch = tokenizer(texts, pad_id=SD2_PAD)
-    assert batch.dropped == (0, 1, 45, 0)
-    assert (batch.ids[:3, -1] == END).all()
-    np.testing.assert_array_equal(batch.ids, open_clip_ids(texts))
+    assert batch.chunks == (1, 2, 2, 1) and batch.chunk_count == 2
+    windows = batch.ids.reshape(len(texts), 2, CONTEXT_LENGTH)
+    assert [(row[:, 1:-1] == 2653).sum() for row in windows] == [75, 76, 120, 0]  # 2653: "word</w>"
+    np.testing.assert_array_equal(windows[:, 0], open_clip_ids(texts))
+    np.testing.assert_array_equal(windows[3, 1], one_window(tokenizer, [""], SD2_PAD)[0])  # an empty chunk
 
 
 def test_encode_has_no_special_tokens(tokenizer):
@@ -121,14 +139,16 @@ def test_encode_has_no_special_tokens(tokenizer):
 def test_empty_batch_and_context_length(tokenizer):
     assert tokenizer([], pad_id=0).ids.shape == (0, CONTEXT_LENGTH)
     short = tokenizer(["a photo of a cat"], pad_id=0, context_length=4)
-    np.testing.assert_array_equal(short.ids, [[START, 320, 1125, END]])
-    assert short.dropped == (3,)
+    np.testing.assert_array_equal(short.ids, [[START, 320, 1125, END, START, 539, 320, END, START, 2368, END, 0]])
+    assert short.chunks == (3,)
 
 
-def test_pack_tokens_frames_truncates_and_pads():
-    batch = pack_tokens([[5, 6, 7], [8]], start_id=1, end_id=2, pad_id=9, context_length=4)
-    np.testing.assert_array_equal(batch.ids, [[1, 5, 6, 2], [1, 8, 2, 9]])
-    assert batch.dropped == (1, 0)
+def test_pack_chunks_frames_pads_and_fills_missing_chunks():
+    batch = pack_chunks([[[(5, 1.0), (6, 1.5)]], [[(8, 1.0)], [(7, 0.5)]]], start_id=1, end_id=2, pad_id=9,
+                        context_length=4)
+    np.testing.assert_array_equal(batch.ids, [[1, 5, 6, 2, 1, 2, 9, 9], [1, 8, 2, 9, 1, 7, 2, 9]])
+    np.testing.assert_array_equal(batch.weights, [[1, 1, 1.5, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0.5, 1, 1]])
+    assert batch.chunks == (1, 2)
 
 
 def test_single_string_is_rejected(tokenizer):

@@ -39,6 +39,20 @@ def test_requests_of_one_kind_share_a_loop_and_other_kinds_keep_their_order():
     assert loop.loops == [[0, 2, 3], [1, 5], [4]]
 
 
+def test_a_given_key_keeps_requests_of_one_kind_apart():
+    """The server keys by prompt chunks too: a short prompt is never padded to a long neighbour's context."""
+    from sdrun.pipeline import batch_key
+
+    loop = Recorder()
+    batcher = LoopBatcher([loop], max_images=3, max_delay_s=0.2)
+    futures = [batcher.submit(dataclasses.replace(SMALL, seed=s), (batch_key(SMALL), chunks))
+               for s, chunks in ((0, 1), (1, 2), (2, 1))]
+    loop.release.set()
+    assert [f.result(10) for f in futures] == [0, 1, 2]
+    batcher.close()
+    assert loop.loops == [[0, 2], [1]]
+
+
 def test_a_failed_loop_fails_its_requests_only():
     loop = Recorder()
     batcher = LoopBatcher([loop], max_images=2, max_delay_s=0.2)

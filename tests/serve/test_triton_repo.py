@@ -66,8 +66,10 @@ def test_tensorrt_configs_state_the_engine_profile(tiny_bundle):
         expected = [[low if low == high else -1 for low, high in zip(profile[n]["min"], profile[n]["max"])]
                     for n, _, _ in tensors(config, "input")]
         assert [dims for _, _, dims in tensors(config, "input")] == expected
-    assert any(-1 in dims for _, _, dims in tensors(parsed(component_config(
-        "unet_step", record, ComponentKind.TENSORRT, 1, record.profile)), "input"))
+    dynamic = parsed(component_config("unet_step", record, ComponentKind.TENSORRT, 1, record.profile))
+    assert any(-1 in dims for _, _, dims in tensors(dynamic, "input"))
+    context = {name: dims for name, _, dims in tensors(dynamic, "input")}["encoder_hidden_states"]
+    assert context[1] == -1, "the context's token axis (77·chunks) is not fixed to 77"
 
 
 def test_tensorrt_without_engines_is_refused_with_the_build_command(tiny_bundle, tmp_path):

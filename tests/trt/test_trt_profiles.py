@@ -14,7 +14,7 @@ from sdrun.errors import UserError
 # The tiny recipe: batch 1/1/4, height and width 32/64/128 pixels, 8 pixels per latent cell.
 UNET_INPUTS = (TensorSpec("sample", "float32", ("cfg_batch", 4, "latent_height", "latent_width")),
                TensorSpec("timestep", "float32", (1,)),
-               TensorSpec("encoder_hidden_states", "float32", ("cfg_batch", 77, 32)))
+               TensorSpec("encoder_hidden_states", "float32", ("cfg_batch", "context_tokens", 32)))
 DECODER_INPUTS = (TensorSpec("latent", "float32", ("batch", 4, "latent_height", "latent_width")),)
 ENCODER_INPUTS = (TensorSpec("images", "float32", ("batch", 3, "image_height", "image_width")),)
 TEXT_INPUTS = (TensorSpec("input_ids", "int32", ("cfg_batch", 77)),)
@@ -27,8 +27,26 @@ def overrides(**levels: str) -> ShapeRequest:
 def test_unet_profile_doubles_batch_for_guidance_in_latent_cells(tiny_recipe):
     profile = profile_from_request(tiny_recipe, UNET_INPUTS, ShapeRequest())
     assert profile["sample"] == {"min": [1, 4, 4, 4], "opt": [2, 4, 8, 8], "max": [8, 4, 16, 16]}
-    assert profile["encoder_hidden_states"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [8, 77, 32]}
+    assert profile["encoder_hidden_states"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [8, 231, 32]}
     assert profile["timestep"] == {"min": [1], "opt": [1], "max": [1]}
+
+
+def test_context_spans_one_to_the_recipes_most_prompt_chunks(tiny_recipe):
+    """Short prompts (one 77-token chunk) are what engines are tuned for; long ones fit up to max_prompt_chunks."""
+    import dataclasses
+
+    from sdcompile.components import component_spec
+
+    five = dataclasses.replace(tiny_recipe, max_prompt_chunks=5)
+    for name in ("unet", "unet_step"):
+        for recipe, most in ((tiny_recipe, 3 * 77), (five, 5 * 77)):
+            context = profile_from_request(recipe, component_spec(name, recipe).inputs,
+                                           ShapeRequest())["encoder_hidden_states"]
+            assert [context[level][1] for level in ("min", "opt", "max")] == [77, 77, most], name
+    static = profile_from_request(tiny_recipe, UNET_INPUTS, ShapeRequest(ShapeMode.STATIC))
+    assert {tuple(shape) for shape in static["encoder_hidden_states"].values()} == {(2, 77, 32)}
+    fixed = (TensorSpec("encoder_hidden_states", "float32", ("cfg_batch", 77, 32)),)  # a bundle from before
+    assert profile_from_request(tiny_recipe, fixed, ShapeRequest())["encoder_hidden_states"]["max"] == [8, 77, 32]
 
 
 def test_sdxl_profiles_cover_the_pooled_text_and_size_inputs():
@@ -40,7 +58,7 @@ def test_sdxl_profiles_cover_the_pooled_text_and_size_inputs():
     unet = profile_from_request(recipe, component_spec("unet", recipe).inputs, ShapeRequest())
     assert unet["text_embeds"] == {"min": [1, 1280], "opt": [2, 1280], "max": [8, 1280]}
     assert unet["time_ids"] == {"min": [1, 6], "opt": [2, 6], "max": [8, 6]}
-    assert unet["encoder_hidden_states"]["max"] == [8, 77, 2048]
+    assert unet["encoder_hidden_states"]["max"] == [8, 3 * 77, 2048]
     assert unet["sample"]["opt"] == [2, 4, 128, 128]
     step = profile_from_request(recipe, component_spec("unet_step", recipe).inputs, ShapeRequest())
     assert step["text_embeds"] == {"min": [2, 1280], "opt": [2, 1280], "max": [8, 1280]}
@@ -59,7 +77,7 @@ def test_step_fused_unet_always_takes_twice_its_batch_of_embeddings(tiny_recipe)
     profile = profile_from_request(tiny_recipe, component_spec("unet_step", tiny_recipe).inputs, ShapeRequest())
     assert profile["state"] == {"min": [5, 1, 4, 4, 4], "opt": [5, 1, 4, 8, 8], "max": [5, 4, 4, 16, 16]}
     assert profile["update"] == {"min": [5, 7], "opt": [5, 7], "max": [5, 7]}
-    assert profile["encoder_hidden_states"] == {"min": [2, 77, 32], "opt": [2, 77, 32], "max": [8, 77, 32]}
+    assert profile["encoder_hidden_states"] == {"min": [2, 77, 32], "opt": [2, 77, 32], "max": [8, 231, 32]}
 
 
 def test_vae_batch_is_not_doubled_and_sizes_are_in_their_units(tiny_recipe):
@@ -140,7 +158,7 @@ def test_override_text_is_read():
 
 def test_profile_within_the_graph_dims_is_accepted(tiny_recipe):
     profile = profile_from_request(tiny_recipe, UNET_INPUTS, ShapeRequest())
-    graph = {"sample": ("B", 4, "h", "w"), "timestep": (1,), "encoder_hidden_states": ("B", 77, 32)}
+    graph = {"sample": ("B", 4, "h", "w"), "timestep": (1,), "encoder_hidden_states": ("B", "context_tokens", 32)}
     check_profile_against_graph("unet", profile, graph)
 
 
