@@ -16,6 +16,9 @@ from sdrun.errors import UserError, stage
 from sdrun.images import image_pixels, output_paths, parameters_text, read_image, write_png
 from sdrun.lora import parse_lora_option, prompt_lora_tags
 from sdrun.pipeline import GenerationRequest, GenerationResult, complete_request
+from sdrun.profiling import RunProfile, profile_directory
+from sdrun.profiling import describe as describe_profile
+from sdrun.quality import quality_warnings
 from sdrun.recipe import Recipe
 from sdrun.samplers import resolve_sampler
 from sdrun.sampling import DEFAULT_SAMPLER
@@ -54,12 +57,13 @@ class GenerateJob:
     quiet: bool = False
     server: str | None = None  # http://HOST:PORT of a running `sdrun serve`: generate there
     timeout: float = 600.0  # seconds the server may take (with --server)
+    profile: Path | None = None  # write the backend's operator profile and a summary here (`sdrun.profiling`)
 
 
 # Options a server request does not carry, and their values when not given.
 LOCAL_ONLY = {"batch": 1, "eta": None, "backend": "auto", "init_noise": None, "threads": None, "cuda_graph": False,
               "karras": None, "spacing": None, "device": None, "dtype": None, "lora": (), "lora_dir": None,
-              "original_size": None, "crop": None, "target_size": None}
+              "original_size": None, "crop": None, "target_size": None, "profile": None}
 
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
@@ -75,13 +79,18 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     loras = [*(parse_lora_option(text) for text in job.lora), *tagged]
     bundle = open_for_run(job.bundle, img2img=img2img)
     request = complete_request(_request(dataclasses.replace(job, prompt=prompt), bundle.recipe), bundle.recipe)
+    profile = RunProfile(job.profile) if job.profile else None
     with stage(f"loading the {job.backend} backend"):
-        loaded = pipeline_on(bundle, job.backend, options, echo, loras=loras)
+        load = lambda: pipeline_on(bundle, job.backend, options, echo, loras=loras)  # noqa: E731
+        loaded = profile.measure("load", load) if profile else load()
     backend = loaded.backend
     _check_cuda_graph(job.cuda_graph, backend)
+    if profile:
+        profile.watch(loaded.pipeline)
+        progress = profile.on_step(progress)
     with stage("generating"):
         result = loaded.pipeline.generate(request, on_step=progress)
-    for warning in result.warnings:
+    for warning in [*result.warnings, *quality_warnings(result.images)]:
         echo(f"warning: {warning}")
     for dropped in set(result.dropped_tokens) - {0}:
         echo(f"warning: the prompt is longer than {bundle.manifest.tokenizer['context_length']} tokens; "
@@ -90,6 +99,8 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
         paths = write_images(job.out, result, bundle, backend, img2img, job.prompt, loaded.loras)
     if not job.quiet:
         echo(timing_table(result.timer, None, loaded.load_seconds, loaded.lora_seconds))
+    if profile:
+        echo(describe_profile(profile.write(loaded.runners, result.timer, loaded.load_seconds)))
     return paths
 
 
@@ -123,7 +134,8 @@ def backend_options(job: GenerateJob) -> BackendOptions:
                         f"backend is {job.backend}.", expected="--backend torch", got=f"--backend {job.backend}",
                         fix=f"add --backend torch, or drop {' and '.join(g.split()[0] for g in given)}")
     _check_cuda_graph(job.cuda_graph, job.backend)
-    return BackendOptions(threads=job.threads, device=job.device, dtype=job.dtype, cuda_graph=job.cuda_graph)
+    return BackendOptions(threads=job.threads, device=job.device, dtype=job.dtype, cuda_graph=job.cuda_graph,
+                          profile_dir=profile_directory(job.profile) if job.profile else None)
 
 
 def write_images(out: Path, result: GenerationResult, bundle: Bundle, backend: str, img2img: bool,
