@@ -10,10 +10,12 @@ overflow lives), not the rounding of the weights (which the export gates already
 Both graphs run on ONNX Runtime CPU one node per session (`graph.fp16_ranges.exposed_values`), so every
 value crosses to the next node in the type the graph declares, as in TensorRT's strongly typed networks. A
 whole-graph CPU session does not do that: it computes the fp16 ops it has no fp16 kernel for (Pow,
-ReduceMean, Sqrt...) in fp32 and keeps fp32 between neighbours, which hides their overflow. A node is an *offender* when its output is non-finite where the
-reference is finite, or its relative L2 error passes the threshold while every float input it reads
-from another node is under it: the node where the error is born, not the nodes it flows into. The islands
-suggested for them also hold every value fp16 cannot represent and its readers (`suggested_islands`).
+ReduceMean, Sqrt...) in fp32 and keeps fp32 between neighbours, which hides their overflow.
+
+A node is an *offender* when its output is non-finite where the reference is finite, or its relative L2
+error passes the threshold while every float input it reads from another node is under it: the node where
+the error is born, not the nodes it flows into. The islands suggested for them also hold every value fp16
+cannot represent and its readers (`suggested_islands`).
 """
 from __future__ import annotations
 
@@ -123,7 +125,8 @@ def offenders(graph: onnx.GraphProto, errors: Mapping[str, NodeError], threshold
     return tuple(found)
 
 
-def suggested_islands(graph: onnx.GraphProto, errors: Mapping[str, NodeError], first: tuple[str, ...]) -> tuple[str, ...]:
+def suggested_islands(graph: onnx.GraphProto, errors: Mapping[str, NodeError],
+                      first: tuple[str, ...]) -> tuple[str, ...]:
     """The nodes to keep in fp32: the offenders, every node whose fp32 value fp16 cannot hold (|x| > 65504)
     and every node that reads one (an fp16 consumer would read it as inf), as the range finder keeps them
     (`graph.fp16_ranges`). A Cast stands for its consumers: an island reads the uncast value directly."""
@@ -223,4 +226,5 @@ def format_report(report: PrecisionReport, top: int = 10) -> str:
     if not report.offenders:
         return "\n".join([*lines, "", "no node is past the threshold."])
     return "\n".join([*lines, "", f"first nodes past the threshold: {', '.join(report.offenders)}", "",
-                      "keep them and what fp16 cannot hold in fp32 with:", f"  sdcompile export ... --precision fp16 {report.islands_argument}"])
+                      "keep them and what fp16 cannot hold in fp32 with:",
+                      f"  sdcompile export ... --precision fp16 {report.islands_argument}"])

@@ -6,7 +6,9 @@ import ctypes
 import ctypes.util
 import gc
 
-from sdrun.host_memory import peak_gib, resident_gib  # noqa: F401  (the readers live in the runtime)
+from sdrun.host_memory import peak_gib, resident_gib
+
+__all__ = ["peak_gib", "resident_gib", "return_freed_memory"]  # the readers live in the runtime
 
 
 def return_freed_memory() -> None:
