@@ -50,7 +50,7 @@ def serve(options: ServeOptions, echo: Callable[[str], None]) -> None:
     except ImportError:
         raise MissingDependencyError("nvidia-pytriton", "for sdrun serve", "pip install 'sdcompile[serve]'") from None
     models = load_models(options, echo)
-    quality = _start_quality_metrics(options, models, echo)
+    quality = None  # started once Triton holds its ports, so it cannot take one of them
     _use_this_interpreters_libpython()
     config = TritonConfig(http_address=options.host, http_port=options.http_port, grpc_address=options.host,
                           grpc_port=options.grpc_port, metrics_address=options.host,
@@ -66,6 +66,7 @@ def serve(options: ServeOptions, echo: Callable[[str], None]) -> None:
                                 config=ModelConfig(batching=False), strict=True)
                 if not _loaded(triton, attempt, echo):
                     continue
+                quality = _start_quality_metrics(options, models, echo)
                 echo(f"serving {', '.join(models)} on http://{options.host}:{options.http_port} "
                      f"(gRPC {options.grpc_port}, metrics {options.metrics_port})")
                 triton.serve()
