@@ -35,13 +35,14 @@ class VariantResult:
     latency: PipelineLatency
     gate: Verdict | None
     images: np.ndarray  # (P, H, W, 3) uint8, one per prompt
+    memory: dict = dataclasses.field(default_factory=dict)  # stage -> peak resident host GiB (`benchmarks.memory`)
 
     def to_dict(self) -> dict:
         v = self.variant
         return {"label": v.label, "backend": v.engines.backend, "precision": v.engines.precision,
                 "denoise": v.denoise.value, "reference": v.is_reference, "load_seconds": self.load_seconds,
                 "accuracy": {"latents": self.latents, "image": self.image}, "latency": self.latency.to_dict(),
-                "gate": self.gate.to_dict() if self.gate else None}
+                "gate": self.gate.to_dict() if self.gate else None, "peak_resident_gib": self.memory}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,7 +95,7 @@ def markdown(result: BenchResult, stamp: dict) -> str:
             f"{config.warmup} warm-up. Reference: eager PyTorch fp32 (plain UNet)."]
     sections = ["## Provenance\n\n" + "\n".join(provenance.summary_lines(stamp)), exports_table(result)]
     if config.scope is Scope.PIPELINE:
-        sections += [variants_table(result), components_table(result), peer_table(result),
+        sections += [variants_table(result), memory_table(result), components_table(result), peer_table(result),
                      samplers_table(result), convergence_table(result.convergence)]
     else:
         sections += [unet_step_table(result)]
@@ -134,6 +134,16 @@ def variants_table(result: BenchResult) -> str:
     return "## End to end\n\nTimes in ms (stage columns: time inside that stage's graph calls).\n\n" + table(
         ["variant", "load s", "total med / p90", "per step", "text enc", "denoise", "VAE", "overhead",
          "overhead %", "vs diffusers", "image max abs", "PSNR dB", "SSIM", "latents rel L2", "gate"], rows)
+
+
+def memory_table(result: BenchResult) -> str:
+    stages = list(dict.fromkeys(stage for v in result.variants for stage in v.memory))
+    if not stages:
+        return ""
+    rows = [[v.variant.label, *(f"{v.memory[s]:.3f}" if s in v.memory else "n/a" for s in stages)]
+            for v in result.variants]
+    return ("## Peak resident memory\n\nHost GiB while each stage ran (the process's peak restarted before it; "
+            "every variant is loaded in the one benchmark process).\n\n" + table(["variant", *stages], rows))
 
 
 def components_table(result: BenchResult) -> str:

@@ -19,6 +19,7 @@ from benchmarks import accuracy, peer
 from sdrun import gates
 from benchmarks.config import REFERENCE, BenchConfig, Denoise, EngineSet, Variant
 from benchmarks.latency import PipelineLatency, Stats, elapsed, interleaved, stage_seconds
+from benchmarks.memory import LOAD, measured_load, stage_peaks
 from benchmarks.outcome import ComponentResult, PeerResult, VariantResult
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_step", "vae_decoder")  # those a bundle has
@@ -67,8 +68,9 @@ class Txt2ImgOutcome:
 def txt2img_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], engine_sets: list[EngineSet],
                       log: Callable[[str], None]) -> Txt2ImgOutcome:
     requests = generation_requests(config, recipe)
-    loaded = {engines: {d: load_pipeline(bundles[engines.precision], engines, d, config.threads) for d in Denoise}
-              for engines in engine_sets}
+    load_peaks = {}
+    loaded = {engines: {d: _load_measured(bundles[engines.precision], engines, d, config.threads, load_peaks)
+                        for d in Denoise} for engines in engine_sets}
     log(f"loaded {len(loaded) * len(Denoise)} pipelines; reference run ({REFERENCE.label} plain)")
     reference = reference_run(loaded[REFERENCE], requests)
     outputs = {engines: run_components(pipelines, reference.feeds) for engines, pipelines in loaded.items()}
@@ -83,8 +85,11 @@ def txt2img_benchmark(config: BenchConfig, recipe, bundles: dict[str, Path], eng
     components = tuple(component_result(e, name, reference.outputs[name], outputs[e][name],
                                         Stats.of(component_seconds[e, name]), log)
                        for e in loaded for name in component_runners(loaded[e]))
+    memory = {v: {LOAD: load_peaks[v], **stage_peaks(loaded[v.engines][v.denoise].pipeline, requests[0])}
+              for v in runs}
     variants = tuple(variant_result(v, loaded[v.engines][v.denoise].load_seconds, results, reference,
-                                    PipelineLatency.of(stage_runs[v], steps), log) for v, results in runs.items())
+                                    PipelineLatency.of(stage_runs[v], steps), log, memory[v])
+                     for v, results in runs.items())
     peer_outcome = peer_result(found_peer, reference, Stats.of([r["total"] for r in stage_runs["peer"]]), log) \
         if found_peer else None
     return Txt2ImgOutcome(reference, components, variants, peer_outcome, skipped)
@@ -111,6 +116,12 @@ def load_pipeline(bundle: Path, engines: EngineSet, denoise: Denoise, threads: i
 
     return load(bundle, engines.backend, step_fusion=denoise is Denoise.STEP_FUSED,
                 options=BackendOptions(threads=threads))
+
+
+def _load_measured(bundle: Path, engines: EngineSet, denoise: Denoise, threads: int | None, peaks: dict):
+    """`load_pipeline`, its peak resident GiB recorded in `peaks` under its variant."""
+    loaded, peaks[Variant(engines, denoise)] = measured_load(lambda: load_pipeline(bundle, engines, denoise, threads))
+    return loaded
 
 
 def reference_run(pipelines: dict, requests: tuple) -> Reference:
@@ -202,7 +213,7 @@ def component_result(engines: EngineSet, name: str, reference: np.ndarray, outpu
 
 
 def variant_result(variant: Variant, load_seconds: float, results: tuple, reference: Reference,
-                   latency: PipelineLatency, log) -> VariantResult:
+                   latency: PipelineLatency, log, memory: dict | None = None) -> VariantResult:
     images = np.concatenate([r.images for r in results])
     latents = accuracy.latent_statistics(np.concatenate([r.latents for r in reference.results]),
                                          np.concatenate([r.latents for r in results]))
@@ -211,7 +222,7 @@ def variant_result(variant: Variant, load_seconds: float, results: tuple, refere
                                                                  variant.engines.precision, image)
     log(f"{variant.label}: {latency.stages['total'].median_ms:.1f} ms end to end "
         f"({latency.overhead_fraction:.1%} outside graphs), image PSNR {image['psnr_db']:.1f} dB")
-    return VariantResult(variant, load_seconds, latents, image, latency, gate, images)
+    return VariantResult(variant, load_seconds, latents, image, latency, gate, images, memory or {})
 
 
 def build_peer(config: BenchConfig, recipe, requests: tuple, log) -> tuple[Peer | None, tuple[str, ...]]:

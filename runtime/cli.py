@@ -76,6 +76,8 @@ def generation_options(command):
         click.option("--lora-dir", type=click.Path(path_type=Path),
                      help="where the prompt's <lora:NAME:SCALE> tags find NAME.safetensors"),
         click.option("--quiet", is_flag=True, help="no progress bar or timing table"),
+        click.option("--profile", type=click.Path(file_okay=False, path_type=Path),
+                     help="write the backend's operator profile (Chrome trace) and a time/memory summary here"),
         click.option("--server", metavar="URL", help="generate on a running `sdrun serve` (http://HOST:PORT) "
                                                      "instead of a local bundle"),
         click.option("--timeout", type=FiniteFloatRange(min=1), default=600.0, show_default=True,
@@ -162,8 +164,10 @@ def _generate(options: dict, image: Path | None, strength: float | None, **image
 @click.option("--instances", type=int, default=1, show_default=True,
               help="pipelines running loops side by side (each loads its own runners)")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads per pipeline [default: one per core]")
+@click.option("--quality-metrics-port", type=click.IntRange(1, 65535),
+              help="Prometheus counts of black, saturated and non-finite images [default: --metrics-port + 1]")
 def serve_command(bundle, backend, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_ms,
-                  instances, threads) -> None:
+                  instances, threads, quality_metrics_port) -> None:
     """Serve txt2img (and img2img) on Triton Inference Server: HTTP, gRPC, health and metrics.
 
     \b
@@ -174,7 +178,7 @@ def serve_command(bundle, backend, host, http_port, grpc_port, metrics_port, max
     from sdrun.serve.server import ServeOptions, serve
 
     serve(ServeOptions(bundle, backend, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_ms,
-                       instances, threads), echo=lambda line: click.echo(line, err=True))
+                       instances, threads, quality_metrics_port), echo=lambda line: click.echo(line, err=True))
 
 
 def _progress_bar():

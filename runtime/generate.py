@@ -18,6 +18,9 @@ from sdrun.images import model_image, output_paths, parameters_text, write_png
 from sdrun.lora import parse_lora_option, prompt_lora_tags
 from sdrun.masks import blurred, read_mask
 from sdrun.pipeline import GenerationRequest, GenerationResult, check_prompts, complete_request
+from sdrun.profiling import RunProfile, profile_directory
+from sdrun.profiling import describe as describe_profile
+from sdrun.quality import quality_warnings
 from sdrun.samplers import resolve_sampler
 from sdrun.sampling import DEFAULT_SAMPLER
 from sdrun.session import open_for_run, pipeline_on
@@ -59,13 +62,14 @@ class GenerateJob:
     server: str | None = None  # http://HOST:PORT of a running `sdrun serve`: generate there
     timeout: float = 600.0  # seconds the server may take (with --server)
     max_chunks: int | None = None  # 75-token prompt chunks allowed; None: the bundle's most
+    profile: Path | None = None  # write the backend's operator profile and a summary here (`sdrun.profiling`)
 
 
 # Options a server request does not carry, and their values when not given.
 LOCAL_ONLY = {"batch": 1, "eta": None, "backend": "auto", "init_noise": None, "threads": None, "cuda_graph": False,
               "karras": None, "spacing": None, "device": None, "dtype": None, "lora": (), "lora_dir": None,
               "original_size": None, "crop": None, "target_size": None, "mask": None, "mask_blur": 0.0,
-              "max_chunks": None}
+              "max_chunks": None, "profile": None}
 
 
 def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> list[Path]:
@@ -85,18 +89,25 @@ def run_job(job: GenerateJob, echo: Callable[[str], None], progress=None) -> lis
     if img2img:
         with stage("reading the input image"):
             request = _with_image(job, request, echo)
+    profile = RunProfile(job.profile) if job.profile else None
     with stage(f"loading the {job.backend} backend"):
-        loaded = pipeline_on(bundle, job.backend, options, echo, loras=loras)
+        load = lambda: pipeline_on(bundle, job.backend, options, echo, loras=loras)  # noqa: E731
+        loaded = profile.measure("load", load) if profile else load()
     backend = loaded.backend
     _check_cuda_graph(job.cuda_graph, backend)
+    if profile:
+        profile.watch(loaded.pipeline)
+        progress = profile.on_step(progress)
     with stage("generating"):
         result = loaded.pipeline.generate(request, on_step=progress)
-    for warning in result.warnings:
+    for warning in [*result.warnings, *quality_warnings(result.images)]:
         echo(f"warning: {warning}")
     with stage("writing the PNG"):
         paths = write_images(job.out, result, bundle, backend, img2img, job.prompt, loaded.loras)
     if not job.quiet:
         echo(timing_table(result.timer, None, loaded.load_seconds, loaded.lora_seconds))
+    if profile:
+        echo(describe_profile(profile.write(loaded.runners, result.timer, loaded.load_seconds)))
     return paths
 
 
@@ -139,7 +150,8 @@ def backend_options(job: GenerateJob) -> BackendOptions:
                         f"backend is {job.backend}.", expected="--backend torch", got=f"--backend {job.backend}",
                         fix=f"add --backend torch, or drop {' and '.join(g.split()[0] for g in given)}")
     _check_cuda_graph(job.cuda_graph, job.backend)
-    return BackendOptions(threads=job.threads, device=job.device, dtype=job.dtype, cuda_graph=job.cuda_graph)
+    return BackendOptions(threads=job.threads, device=job.device, dtype=job.dtype, cuda_graph=job.cuda_graph,
+                          profile_dir=profile_directory(job.profile) if job.profile else None)
 
 
 def write_images(out: Path, result: GenerationResult, bundle: Bundle, backend: str, img2img: bool,

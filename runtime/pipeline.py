@@ -39,6 +39,7 @@ from sdrun.errors import UserError
 from sdrun.latent_blend import latent_blend
 from sdrun.masks import check_mask, latent_mask, mask_warnings, masked_image, overlay
 from sdrun.prompt_weights import emphasize
+from sdrun.quality import NonFiniteError
 from sdrun.recipe import Recipe, ShapeRange
 from sdrun.sampling import Conditioning, draw_noises, sample_plan, sampler_plan, step_feeds
 from sdrun.sdxl_conditioning import SizeConditioning
@@ -449,7 +450,7 @@ def latent_shape(request: GenerationRequest, recipe: Recipe) -> tuple[int, int, 
 def check_finite(array: np.ndarray, stage: str) -> None:
     if not np.isfinite(array).all():
         bad = int(array.size - np.isfinite(array).sum())
-        raise UserError(f"non-finite values (NaN/inf) appeared after the {stage}: {bad} of {array.size}.",
+        raise NonFiniteError(f"non-finite values (NaN/inf) appeared after the {stage}: {bad} of {array.size}.",
                         fix="an fp16 graph overflowed: re-export in fp32, or keep the overflowing nodes in "
                             "fp32 (sdcompile export --precision fp16 with more fp32 islands)")
 

@@ -24,7 +24,8 @@ from sdcompile.fingerprint import WeightsDigest
 from sdcompile.graph.external import inside, load_structure, save_graph, spill
 from sdcompile.memory import peak_gib, resident_gib, return_freed_memory
 from sdcompile.options import ATTENTION_OPSET, DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
-from sdcompile.passes import default_passes, optimize_on_disk, run_pass
+from sdcompile.graph.fp16_policy import Fp16Options
+from sdcompile.passes import PassOptions, default_passes, optimize_on_disk, run_pass
 from sdcompile.recipes import Recipe, TokenizerPadding
 from sdcompile.verify import eager_outputs, verify_graph
 from sdcompile.weights import RandomWeights, load_models
@@ -57,6 +58,10 @@ class ExportConfig:
     external_data: bool = False  # always write weights to model.onnx.data (else only past protobuf's 2 GiB)
     seed: int = 0  # seeds the sample inputs used for tracing and verification
     loras: tuple[LoraRequest, ...] = ()  # merged into the UNet and text encoder as they load
+    fp32_islands: tuple[str, ...] = ()  # fp16: node names kept in fp32 besides the policy's (--fp32-islands)
+    # fp16: False drops the policy's op-type islands and the range finder, leaving only `fp32_islands` (a test
+    # option, hidden --no-fp32-islands: it makes graphs whose fp16 errors `sdcompile debug precision` finds)
+    default_fp32_islands: bool = True
 
 
 def export_bundle(config: ExportConfig, log=print) -> Manifest:
@@ -197,6 +202,7 @@ def _graph_phase(traced: _Traced, config: ExportConfig, staging: Path, optimized
     else:
         passes = default_passes(config.precision)
         model, pass_report, source_dir = optimize_on_disk(traced.graph, passes, traced.graph.parent.parent / "passes",
+                                                          PassOptions(fp16=fp16_options(config)),
                                                           attention_target=config.attention_target,
                                                           range_samples=_range_samples(traced, config))
         phases.done(f"passes {', '.join(passes)}")
@@ -228,9 +234,18 @@ def _verification_inputs(spec: ComponentSpec, config: ExportConfig) -> dict:
     return spec.sample(config.recipe, verify_binding(config.recipe), torch.Generator().manual_seed(config.seed + 1))
 
 
+def fp16_options(config: ExportConfig) -> Fp16Options:
+    """The fp16 pass's islands: the policy's plus `config.fp32_islands`, or those alone."""
+    named = frozenset(config.fp32_islands)
+    if config.default_fp32_islands:
+        return Fp16Options(keep_fp32_node_names=named)
+    return Fp16Options(keep_fp32_op_types=frozenset(), keep_fp32_node_names=named,
+                       keep_fp32_upstream_of=frozenset())
+
+
 def _range_samples(traced: _Traced, config: ExportConfig) -> dict[str, np.ndarray] | None:
     """The fp16 range finder's inputs: the verification inputs (made for it alone under --no-verify)."""
-    if config.precision is not Precision.FP16:
+    if config.precision is not Precision.FP16 or not config.default_fp32_islands:
         return None
     checked = traced.checked if traced.checked is not None else _verification_inputs(traced.spec, config)
     return {k: v.numpy() for k, v in checked.items()}

@@ -11,6 +11,7 @@ import click
 
 from sdcompile import __version__
 from sdcompile.options import DEFAULT_OPSET, AttentionImpl, AttentionTarget, Precision
+from sdcompile.cli_debug import register as register_debug
 from sdcompile.cli_trt import register as register_trt
 from sdrun.errors import UserError, debug_option, run_cli
 
@@ -60,8 +61,12 @@ def recipes_command() -> None:
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="merge a LoRA (.safetensors, kohya or diffusers layout) into the weights, SCALE default 1 "
                    "(repeatable)")
+@click.option("--fp32-islands", metavar="NODE,NODE,...",
+              help="fp16: also keep these nodes in fp32 (names as `sdcompile debug precision` prints them)")
+@click.option("--no-fp32-islands", is_flag=True, hidden=True,
+              help="fp16: no op-type islands and no range finder (to test `sdcompile debug precision`)")
 def export_command(recipe, checkpoint, random_weights, seed, components, out, precision, opset, attention,
-                   attention_target, no_verify, force, external_data, loras) -> None:
+                   attention_target, no_verify, force, external_data, loras, fp32_islands, no_fp32_islands) -> None:
     """Export components of a Stable Diffusion model into a verified ONNX bundle."""
     from sdcompile.bundler import ExportConfig, export_bundle
     from sdcompile.recipes import load_recipe
@@ -75,9 +80,17 @@ def export_command(recipe, checkpoint, random_weights, seed, components, out, pr
                           components=components, precision=Precision(precision), opset=opset,
                           attention=AttentionImpl(attention), attention_target=AttentionTarget(attention_target),
                           verify=not no_verify, force=force, external_data=external_data,
-                          loras=tuple(parse_lora_option(text) for text in loras))
+                          loras=tuple(parse_lora_option(text) for text in loras),
+                          fp32_islands=_node_names(fp32_islands), default_fp32_islands=not no_fp32_islands)
+    if (fp32_islands or no_fp32_islands) and config.precision is not Precision.FP16:
+        raise UserError("--fp32-islands choose what an fp16 export keeps in fp32, and this export is fp32.",
+                        fix="add --precision fp16, or drop the island options")
     manifest = export_bundle(config, log=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {out} ({', '.join(manifest.components)})")
+
+
+def _node_names(text: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
 @cli.command("optimize")
@@ -135,6 +148,7 @@ def triton_repo_command(bundle, out, kind, instances) -> None:
 
 
 register_trt(cli)
+register_debug(cli)
 
 
 def main(args=None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -43,6 +44,9 @@ class BackendOptions:
     # Per component, initializer name -> replacement value (LoRAs swapped in, `sdrun.lora.swap`): ONNX Runtime
     # session initializers; TensorRT refits engines built with `build-trt --refittable`.
     initializers: Mapping[str, Mapping[str, np.ndarray]] | None = None
+    # Where the backend's own operator profile goes (`sdrun.profiling`): ONNX Runtime's profiler, TensorRT's
+    # per-layer IProfiler; None: no profiling.
+    profile_dir: Path | None = None
 
 
 Factory = Callable[[Bundle, Sequence[str], BackendOptions], dict[str, GraphRunner]]

@@ -51,6 +51,9 @@ class OnnxRuntimeRunner:
             # replace them (seen on ONNX Runtime 1.32: the swapped Conv weights were ignored); one level down
             # keeps the other fusions and uses the replaced values.
             session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        if options.profile_dir is not None:
+            session_options.enable_profiling = True
+            session_options.profile_file_prefix = str(Path(options.profile_dir) / f"onnxruntime-{record.name}")
         self.session = ort.InferenceSession(str(graph), session_options, providers=providers)
         self.record, self.vae_scale, self.rebuild_hint = record, vae_scale, rebuild_hint
         self._outputs: dict[tuple, dict[str, np.ndarray]] = {}
@@ -64,6 +67,12 @@ class OnnxRuntimeRunner:
             binding.bind_output(name, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
         self.session.run_with_iobinding(binding)
         return outputs
+
+    def end_profile(self) -> list[dict]:
+        """The Chrome trace events ONNX Runtime's profiler recorded (its JSON file stays in the profile dir)."""
+        import json
+
+        return json.loads(Path(self.session.end_profiling()).read_text())
 
     def _output_buffers(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         key = tuple(feeds[s.name].shape for s in self.record.inputs)

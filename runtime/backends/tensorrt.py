@@ -167,7 +167,11 @@ def tensorrt_runners(bundle: Bundle, components: list[str], options: BackendOpti
     another GPU architecture, from another ONNX graph, or whose file changed.
     """
     trt, cuda = require_tensorrt()
-    return EngineGroup(bundle, components, trt, cuda, options.cuda_graph, options.initializers or {}).runners
+    if options.profile_dir is not None and options.cuda_graph:
+        raise UserError("--profile times every TensorRT layer, which a replayed CUDA graph does not report.",
+                        fix="drop --cuda-graph or --profile")
+    return EngineGroup(bundle, components, trt, cuda, options.cuda_graph, options.initializers or {},
+                       profile=options.profile_dir is not None).runners
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +198,7 @@ class EngineGroup:
     """Engines, contexts, the stream and every device allocation of one bundle's TensorRT runners."""
 
     def __init__(self, bundle: Bundle, components: list[str], trt, cuda: Cuda, cuda_graph: bool = False,
-                 weights: Mapping[str, Mapping[str, np.ndarray]] = MappingProxyType({})):
+                 weights: Mapping[str, Mapping[str, np.ndarray]] = MappingProxyType({}), profile: bool = False):
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
         capability = cuda.compute_capability()
@@ -218,7 +222,7 @@ class EngineGroup:
             context = context_with_memory(trt, engine, memory, scratch, scratch_size)
             hint = rebuild_command(bundle.root, name, verdicts[name].record.static)
             self.runners[name] = TensorRTRunner(self, engine, context, bundle.component(name), verdicts[name],
-                                                hint, trt, cuda_graph)
+                                                hint, trt, cuda_graph, profile)
 
     def close(self) -> None:
         """Drop the contexts and free every device allocation now (also done when collected)."""

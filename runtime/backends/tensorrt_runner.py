@@ -44,7 +44,8 @@ class TensorRTRunner:
     """One engine; `run` takes and returns numpy arrays keyed by the manifest's tensor names."""
 
     def __init__(self, group: EngineGroup, engine: trt.ICudaEngine, context: trt.IExecutionContext,
-                 record: ComponentRecord, verdict: EngineVerdict, rebuild_hint: str, trt, cuda_graph: bool = False):
+                 record: ComponentRecord, verdict: EngineVerdict, rebuild_hint: str, trt, cuda_graph: bool = False,
+                 profile: bool = False):
         self.group, self.engine, self.context = group, engine, context
         self.record, self.profile, self.rebuild_hint = record, verdict.record.profile, rebuild_hint
         self.dtypes = engine_tensor_dtypes(engine, record, rebuild_hint, trt)
@@ -53,6 +54,16 @@ class TensorRTRunner:
         self._buffers: dict[tuple, ShapeBuffers] = {}
         self._bound: tuple | None = None
         self.resident_loop = ResidentLoop(self, cuda_graph) if record.name == STEP_FUSED else None
+        self.layer_times = attach_layer_profiler(trt, context) if profile else None
+
+    def end_profile(self) -> list[dict]:
+        """Chrome trace events of every layer time TensorRT's IProfiler reported (empty without profiling)."""
+        return [] if self.layer_times is None else self.layer_times.events
+
+    def device_used_bytes(self) -> int:
+        """Device memory in use on this runner's GPU, by every process (cudaMemGetInfo: total − free)."""
+        free, total = self.group.cuda.memory_info()
+        return total - free
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = {spec.name: tuple(np.shape(feeds[spec.name])) for spec in self.record.inputs}
@@ -126,6 +137,26 @@ class TensorRTRunner:
             self.resident_loop.release()
         self.pinned.release()
         self._buffers, self._bound = {}, None
+
+
+def attach_layer_profiler(trt, context: trt.IExecutionContext):
+    """A `trt.IProfiler` set on `context`: each enqueue then reports every layer's time (and waits for the
+    GPU, so profiled runs are slower). Its `events` are Chrome trace events, layers laid end to end."""
+
+    class LayerTimes(trt.IProfiler):
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+            self.events: list[dict] = []
+            self.clock_us = 0.0
+
+        def report_layer_time(self, layer_name: str, ms: float) -> None:
+            self.events.append({"cat": "Node", "name": layer_name, "ph": "X", "ts": self.clock_us, "dur": ms * 1e3,
+                                "pid": 0, "tid": 0, "args": {"layer": layer_name}})
+            self.clock_us += ms * 1e3
+
+    profiler = LayerTimes()
+    context.profiler = profiler
+    return profiler
 
 
 def engine_tensor_dtypes(engine: trt.ICudaEngine, record: ComponentRecord, rebuild_hint: str, trt) -> dict:

@@ -11,6 +11,7 @@ from sdrun.bundle import Bundle
 from sdrun.errors import UserError
 from sdrun.generate import result_parameters
 from sdrun.pipeline import GenerationRequest, GenerationResult, Pipeline, batch_key, check_prompts
+from sdrun.quality import NonFiniteError, QualityCounter, Signal, image_signals
 from sdrun.serve.batcher import LoopBatcher
 from sdrun.serve.contract import IMG2IMG
 from sdrun.serve.request import decode_request
@@ -24,6 +25,7 @@ class PipelineModel:
     def __init__(self, model: str, bundle: Bundle, pipelines: Sequence[Pipeline], backend: str,
                  max_images: int, max_delay_s: float):
         self.model, self.bundle, self.backend = model, bundle, backend
+        self.quality = QualityCounter()
         self.batcher = LoopBatcher([self._loop_on(p) for p in pipelines], max_images, max_delay_s)
 
     def infer(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -41,9 +43,31 @@ class PipelineModel:
 
     def _loop_on(self, pipeline: Pipeline):
         def run(requests: Sequence[GenerationRequest]) -> list[dict[str, np.ndarray]]:
-            return [self._outputs(result) for result in pipeline.generate_batch(requests)]
+            return [self._outputs(result) for result in self.checked_batch(pipeline, requests)]
         return run
+
+    def checked_batch(self, pipeline: Pipeline, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """The loop's results, each image's quality signal counted and the request behind a signal logged."""
+        try:
+            results = pipeline.generate_batch(requests)
+        except NonFiniteError:
+            self.quality.add([Signal.NON_FINITE] * sum(r.batch for r in requests))
+            for request in requests:
+                _log_signal(self.model, request, Signal.NON_FINITE)
+            raise
+        for result in results:
+            signals = image_signals(result.images)
+            self.quality.add(signals)
+            for signal in {s for s in signals if s is not None}:
+                _log_signal(self.model, result.request, signal)
+        return results
 
     def _outputs(self, result: GenerationResult) -> dict[str, np.ndarray]:
         text = result_parameters(result, self.bundle, self.backend, self.model == IMG2IMG)
         return {"image": result.images[0], "parameters": np.array([text.encode("utf-8")], dtype=np.object_)}
+
+
+def _log_signal(model: str, request: GenerationRequest, signal: Signal) -> None:
+    LOG.warning("a %s request made a %s image: prompt %r, negative %r, seed %d, steps %s, sampler %s, %sx%s",
+                model, signal.value, request.prompt, request.negative_prompt, request.seed, request.steps,
+                request.sampler, request.width, request.height)

@@ -39,6 +39,7 @@ class ServeOptions:
     max_queue_delay_ms: float = 5.0  # how long a loop waits for more requests of its kind
     instances: int = 1  # pipelines (each with its own runners) running loops side by side
     threads: int | None = None
+    quality_metrics_port: int | None = None  # the image-quality counters' /metrics; None: metrics_port + 1
 
 
 def serve(options: ServeOptions, echo: Callable[[str], None]) -> None:
@@ -49,6 +50,7 @@ def serve(options: ServeOptions, echo: Callable[[str], None]) -> None:
     except ImportError:
         raise MissingDependencyError("nvidia-pytriton", "for sdrun serve", "pip install 'sdcompile[serve]'") from None
     models = load_models(options, echo)
+    quality = None  # started once Triton holds its ports, so it cannot take one of them
     _use_this_interpreters_libpython()
     config = TritonConfig(http_address=options.host, http_port=options.http_port, grpc_address=options.host,
                           grpc_port=options.grpc_port, metrics_address=options.host,
@@ -64,12 +66,15 @@ def serve(options: ServeOptions, echo: Callable[[str], None]) -> None:
                                 config=ModelConfig(batching=False), strict=True)
                 if not _loaded(triton, attempt, echo):
                     continue
+                quality = _start_quality_metrics(options, models, echo)
                 echo(f"serving {', '.join(models)} on http://{options.host}:{options.http_port} "
                      f"(gRPC {options.grpc_port}, metrics {options.metrics_port})")
                 triton.serve()
                 break
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if quality is not None:
+            quality.shutdown()
         for model, _ in models.values():
             model.close()
     echo("server stopped")
@@ -95,6 +100,22 @@ def load_models(options: ServeOptions, echo) -> dict[str, tuple[PipelineModel, i
     names = [TXT2IMG, *([IMG2IMG] if img2img else [])]
     return {name: (PipelineModel(name, bundle, [l.pipeline for l in loaded], backend, max_images, delay), slots)
             for name in names}
+
+
+def _start_quality_metrics(options: ServeOptions, models: dict, echo):
+    """The image-quality counters' endpoint (`serve.quality_metrics`), or None (said aloud) when its port is taken."""
+    from sdrun.quality import prometheus_text
+    from sdrun.serve.quality_metrics import start_metrics_server
+
+    port = options.quality_metrics_port or options.metrics_port + 1
+    try:
+        server = start_metrics_server(options.host, port, lambda: "".join(
+            prometheus_text(model.quality, name) for name, (model, _) in models.items()))
+    except OSError as err:
+        echo(f"warning: image-quality metrics not served: port {port}: {err.strerror} (choose --quality-metrics-port)")
+        return None
+    echo(f"image-quality metrics on http://{options.host}:{port}/metrics")
+    return server
 
 
 def _loaded(triton, attempt: int, echo) -> bool:

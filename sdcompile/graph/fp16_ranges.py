@@ -12,7 +12,7 @@ instead (`RangeIslands.whole_graph`).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,14 +49,22 @@ def observed_max_abs(path: Path, feeds: Mapping[str, np.ndarray], session=cpu_se
     model = load_structure(path)
     parts = plan_parts(model.graph, budget, max_nodes)
     maxima = {name: _max_abs(v) for name, v in feeds.items() if _is_float(v)}
+    for values in exposed_values(path, model, parts, feeds, session):
+        maxima.update((name, _max_abs(v)) for name, v in values.items() if name not in maxima and _is_float(v))
+    return maxima
+
+
+def exposed_values(path: Path, model: onnx.ModelProto, parts: list[Part], feeds: Mapping[str, np.ndarray],
+                   session=cpu_session) -> Iterator[dict[str, np.ndarray]]:
+    """For each of `parts` of the graph at `path` (`model`: its structure) in turn, every value it computes on
+    `feeds` (with the values it read); what no later part reads is dropped before the next part runs."""
     values = dict(feeds)
     for index, part in enumerate(parts):
         values.update(_run_part(path, model, _exposing_all(model.graph, part), values, session, index))
-        maxima.update((name, _max_abs(v)) for name, v in values.items() if name not in maxima and _is_float(v))
+        yield values
         needed_later = {i for p in parts[index + 1:] for i in p.inputs}
         values = {k: v for k, v in values.items() if k in needed_later}
     return_freed_memory()
-    return maxima
 
 
 def _exposing_all(graph: onnx.GraphProto, part: Part) -> Part:

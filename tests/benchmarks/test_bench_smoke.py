@@ -40,8 +40,10 @@ def test_pipeline_scope_writes_json_table_chart_and_grid(bundles, tmp_path):
     stages = data["variants"][2]["latency"]["stages"]
     assert set(stages) >= {"text_encoder", "denoise", "vae_decoder", "overhead", "total", "step"}
     assert data["passed"] and data["exports"] == []
+    assert all(set(v["peak_resident_gib"]) >= {"load", "text_encoder", "vae_decoder"} for v in data["variants"])
     text = paths["markdown"].read_text()
     assert "## End to end" in text and "## Per component" in text and "diffusers" in text
+    assert "## Peak resident memory" in text
     assert "## Provenance" in text and data["provenance"]["commit"] in text
     for kind in ("chart", "images"):
         with Image.open(paths[kind]) as image:

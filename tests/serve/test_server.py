@@ -48,6 +48,15 @@ def test_readiness_and_metrics_answer(server):
     assert status == 200 and "nv_inference_request_success" in metrics
 
 
+def test_image_quality_counters_are_served_beside_triton_metrics(server):
+    ask(server, prompt="a counted one", steps=2)
+    status, text = server.get("/metrics", port=server.metrics + 1)
+    assert status == 200, text
+    counts = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("sdrun_"))
+    assert int(counts['sdrun_images_total{model="txt2img"}']) >= 1
+    assert counts['sdrun_image_quality_total{model="txt2img",signal="black"}'] == "0"
+
+
 def test_32_requests_from_8_clients_each_equal_a_local_run(server, local):
     from sdrun.generate import result_parameters
     from sdrun.pipeline import GenerationRequest

@@ -80,6 +80,7 @@ EXPECTED_USES = {
     "IBuilderConfig.clear_flag", "BuilderFlag.REFIT", "IBuilderConfig.set_flag", "tensorrt.Refitter",
     "tensorrt.Weights", "ICudaEngine.refittable", "Refitter.get_all_weights", "Refitter.set_named_weights",
     "Refitter.get_missing_weights", "Refitter.refit_cuda_engine",
+    "tensorrt.IProfiler", "IProfiler.__init__", "IExecutionContext.profiler",  # sdrun --profile's layer times
 }
 
 
