@@ -141,7 +141,13 @@ def fused_and_plain(request, released_twin):
             for fused in (False, True)}
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+# One sampler of each update kind in the default tier (first-order, ancestral, SDE with Karras sigmas,
+# multistep, second-order, linear multistep); every other sampler in the slow tier.
+DEFAULT_TIER_SAMPLERS = ("ddim", "euler_a", "dpmpp_2m_sde_karras", "unipc", "heun", "plms")
+
+
+@pytest.mark.parametrize("sampler", [s if s in DEFAULT_TIER_SAMPLERS else pytest.param(s, marks=pytest.mark.slow)
+                                     for s in sorted(SAMPLERS)])
 def test_step_fused_equals_plain_for_inpainting(fused_and_plain, sampler):
     """Every sampler: the 9-channel UNet's extra inputs pass through the step graph, the 4-channel UNet's latent
     blend runs on the host between steps of either loop."""
