@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
-from sdrun.pipeline import GenerationRequest, batch_key
+from sdrun.generation_request import batch_key
+from sdrun.pipeline import GenerationRequest
 
 RunLoop = Callable[[Sequence[GenerationRequest]], list]  # one result per request, in order
 

@@ -10,7 +10,8 @@ import numpy as np
 from sdrun.bundle import Bundle
 from sdrun.errors import UserError
 from sdrun.generate import result_parameters
-from sdrun.pipeline import GenerationRequest, GenerationResult, Pipeline, batch_key, check_prompts
+from sdrun.generation_request import batch_key
+from sdrun.pipeline import GenerationRequest, GenerationResult, Pipeline, check_prompts
 from sdrun.quality import NonFiniteError, QualityCounter, Signal, image_signals
 from sdrun.serve.batcher import LoopBatcher
 from sdrun.serve.contract import IMG2IMG

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from sdrun.errors import UserError
-from sdrun.pipeline import GenerationRequest, batch_key
+from sdrun.generation_request import batch_key
+from sdrun.pipeline import GenerationRequest
 
 PIXEL = 1  # uint8 levels: batched vs alone differ by ONNX Runtime's batched arithmetic at most
 

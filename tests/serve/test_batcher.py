@@ -41,7 +41,7 @@ def test_requests_of_one_kind_share_a_loop_and_other_kinds_keep_their_order():
 
 def test_a_given_key_keeps_requests_of_one_kind_apart():
     """The server keys by prompt chunks too: a short prompt is never padded to a long neighbour's context."""
-    from sdrun.pipeline import batch_key
+    from sdrun.generation_request import batch_key
 
     loop = Recorder()
     batcher = LoopBatcher([loop], max_images=3, max_delay_s=0.2)
