@@ -8,7 +8,7 @@ BENCH_ARGS ?=
 BENCH_RECIPES ?= tiny tiny-xl
 TINY_WEIGHTS ?= recipes/weights/tiny-shapes.safetensors
 
-.PHONY: install test test-slow demo bench train-tiny clean
+.PHONY: install test test-slow demo bench bench-shapes train-tiny clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ install: $(STAMP)
 
 # Default tier: CPU only, tiny recipe, parity with independent implementations.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # Full-size SD 1.5 / 2.1 architectures with random weights (tens of minutes, ~16 GB memory).
 test-slow: $(STAMP)
@@ -36,6 +36,12 @@ demo: $(STAMP)
 # Every tiny twin's pipeline benchmark, one results set per recipe.
 bench: $(STAMP)
 	for recipe in $(BENCH_RECIPES); do $(PY) -m benchmarks --recipe $$recipe $(BENCH_ARGS) || exit 1; done
+
+# What the trained tiny-shapes (TINY_WEIGHTS) draws, judged from its pixels: fp32, fp16, guidance 1, img2img,
+# every sampler; a labelled grid of a few prompts beside the results.
+bench-shapes: $(STAMP)
+	$(PY) -m benchmarks.shapes.bench --weights $(TINY_WEIGHTS)
+	$(PY) -m benchmarks.shapes.grid --bundle build/shapes/fp32 --out build/shapes/grid.png
 
 # Train tiny-shapes from seed 0 on generated shapes (the whole machine for up to 45 minutes); CI never runs it.
 train-tiny: $(STAMP)

@@ -55,3 +55,24 @@ def released_twin(tmp_path_factory):
         return made[recipe_name]
 
     return twin
+
+
+@pytest.fixture(scope="session")
+def shapes_bundle(tmp_path_factory):
+    """precision -> the trained tiny-shapes bundle, exported from the committed weights through `sdcompile export`
+    (every component), once per session and precision."""
+    from benchmarks.shapes.bench import WEIGHTS
+    from sdcompile.cli import main
+    from tests.family_twin import cli
+
+    made = {}
+
+    def bundle(precision: str = "fp32"):
+        if precision not in made:
+            out = tmp_path_factory.mktemp(f"tiny-shapes-{precision}") / "bundle"
+            cli(main, "export", "--recipe", "tiny-shapes", "--checkpoint", str(WEIGHTS), "--precision", precision,
+                "--component", "all", "--out", str(out))
+            made[precision] = out
+        return made[precision]
+
+    return bundle
