@@ -39,7 +39,8 @@ def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("name, precision, attention, fixture", [
     ("vae_decoder", Precision.FP32, AttentionImpl.SDPA, "tiny_bundle"),
-    ("unet", Precision.FP16, AttentionImpl.EXPLICIT, "tiny_bundle_fp16"),
+    # the fp16 UNet (the default tier's longest pass run) in the slow tier
+    pytest.param("unet", Precision.FP16, AttentionImpl.EXPLICIT, "tiny_bundle_fp16", marks=pytest.mark.slow),
 ])
 def test_passes_on_disk_write_the_graph_passes_in_memory_write(name, precision, attention, fixture, tiny_recipe,
                                                                tmp_path, request):
@@ -143,6 +144,7 @@ def test_the_weight_map_names_each_initializers_checkpoint_tensor(fixture, atten
         assert set(big) <= set(weight_map["unmapped"]) and len(big) <= 2, f"{name}: unmapped {big}"
 
 
+@pytest.mark.slow  # a whole export (1 min); the default tier's exports use absolute paths
 def test_a_relative_output_path_exports_derived_components(tmp_path, monkeypatch):
     """Passes run inside their data directories, so every path they are given must survive the change."""
     from click.testing import CliRunner
