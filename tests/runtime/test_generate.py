@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from sdrun.cli import cli, main
+from sdrun.cli import cli
 from sdrun.errors import USAGE_EXIT_CODE, UserError
 from sdrun.pipeline import GenerationRequest
 from sdrun.session import load_pipeline
+from tests.sdrun_exit import sdrun
 
 
 def _run(*args):
@@ -24,16 +25,6 @@ def _run(*args):
         return 2, str(result.exception)
     assert result.exception is None, result.exception
     return 0, result.output
-
-
-def sdrun(capsys, *args) -> tuple[int, str]:
-    """(exit code, stderr) of `sdrun ARGS` through its real entry point (click's own errors included)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, capsys.readouterr().err
 
 
 def _txt2img(bundle, out, *extra):

@@ -18,6 +18,7 @@ from sdcompile.recipes import load_recipe
 from sdrun.metrics import compare
 from sdrun.samplers import SAMPLERS
 from tests.family_twin import cli
+from tests.sdrun_exit import sdrun
 
 PROMPT, NEGATIVE_PROMPT = "a red door in a white wall", "blurry"
 SIZE, STEPS, GUIDANCE = 64, 10, 7.5
@@ -168,33 +169,20 @@ def test_step_fused_equals_plain_for_inpainting(fused_and_plain, sampler):
     assert error <= FUSED_MAX_REL_L2
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    """`sdrun ARGS` in this process: (exit code, stderr)."""
-    from sdrun.cli import main
-
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, capsys.readouterr().err
-
-
 def inpaint_args(bundle, files, out, mask: str = "mask") -> list[str]:
     return ["inpaint", "--bundle", str(bundle), "--image", str(files["image"]), "--mask", str(files[mask]),
             "--prompt", PROMPT, "--steps", "2", "--out", str(out), "--quiet", "--backend", "onnxruntime"]
 
 
 def test_mask_of_another_size_is_resized_with_a_note(tiny_bundle, files, tmp_path, capsys):
-    code, stderr = run_cli(inpaint_args(tiny_bundle, files, tmp_path / "out.png", mask="wide"), capsys)
+    code, stderr = sdrun(capsys, *inpaint_args(tiny_bundle, files, tmp_path / "out.png", mask="wide"))
     assert code == 0, stderr
     assert f"note: the mask is {2 * SIZE}x{2 * SIZE}; resized to the image's {SIZE}x{SIZE}" in stderr
     assert (tmp_path / "out.png").is_file()
 
 
 def test_empty_mask_warns_and_keeps_the_input(tiny_bundle, files, tmp_path, capsys):
-    code, stderr = run_cli(inpaint_args(tiny_bundle, files, tmp_path / "out.png", mask="empty"), capsys)
+    code, stderr = sdrun(capsys, *inpaint_args(tiny_bundle, files, tmp_path / "out.png", mask="empty"))
     assert code == 0, stderr
     assert "warning: the mask is empty" in stderr and "nothing to paint" in stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(Image.open(files["image"])))
@@ -206,7 +194,7 @@ def test_bundle_without_vae_encoder_is_refused(tiny_bundle, files, tmp_path, cap
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["components"]["vae_encoder"]
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    code, stderr = run_cli(inpaint_args(bundle, files, tmp_path / "out.png"), capsys)
+    code, stderr = sdrun(capsys, *inpaint_args(bundle, files, tmp_path / "out.png"))
     assert code == 2
     assert "lacks the component(s) vae_encoder" in stderr and "sdcompile export --component vae_encoder" in stderr
     assert not (tmp_path / "out.png").exists()

@@ -14,8 +14,8 @@ from benchmarks.gpu_check import sample_feeds
 from sdrun import gates
 from sdrun.backends import BackendOptions, make_runners
 from sdrun.bundle import open_bundle
-from sdrun.cli import main
 from sdrun.errors import USAGE_EXIT_CODE
+from tests.sdrun_exit import sdrun
 
 
 def runners_on(bundle, options: BackendOptions) -> dict:
@@ -38,16 +38,6 @@ def fp32_outputs(tiny_bundle) -> dict[str, dict[str, np.ndarray]]:
     runners = runners_on(tiny_bundle, BackendOptions())
     return {name: {k: v.copy() for k, v in runners[name].run(f).items()}
             for name, f in component_feeds(tiny_bundle).items()}
-
-
-def sdrun(capsys, *args) -> tuple[int, str]:
-    """(exit code, stderr) of `sdrun ARGS` through its real entry point."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, capsys.readouterr().err
 
 
 def txt2img(bundle, out, *extra):
