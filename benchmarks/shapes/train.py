@@ -50,10 +50,10 @@ Log = Callable[[str], None]
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    # Steps chosen so that the whole run fits 45 minutes at the slowest rates `--smoke --threads 1` measured on
-    # 2 busy cores (VAE 1.12 s/step, UNet 0.49 s/step, 12 ms per encoded image): 44 min; 32 min at the fastest.
+    # 2500 UNet steps left the loss falling and the colours unreliable; 6000 fit 45 minutes at the rates measured
+    # on 2 quiet cores with 2 threads (VAE 0.44 s/step, UNet 0.33 s/step, 25 ms per encoded image): 43 min.
     vae_steps: int = 1200
-    unet_steps: int = 2500
+    unet_steps: int = 6000
     vae_batch: int = 8
     unet_batch: int = 32
     latent_images: int = 8192  # drawn once and encoded by the trained VAE for the UNet stage
