@@ -50,8 +50,8 @@ Log = Callable[[str], None]
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    # 2500 UNet steps left the loss falling and the colours unreliable; 6000 fit 45 minutes at the rates measured
-    # on 2 quiet cores with 2 threads (VAE 0.44 s/step, UNet 0.33 s/step, 25 ms per encoded image): 43 min.
+    # 2500 UNet steps left the loss falling and the colours unreliable; 6000 are projected to fit 45 minutes at the
+    # rates measured on 2 quiet cores with 2 threads (VAE 0.44 s/step, UNet 0.33 s/step, encoding 1-3 min): 43 min.
     vae_steps: int = 1200
     unet_steps: int = 6000
     vae_batch: int = 8
