@@ -165,6 +165,7 @@ def test_interrupted_export_leaves_the_previous_bundle_intact(tiny_bundle, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
+@pytest.mark.slow  # a second export into a copied bundle (15 s)
 def test_adding_a_component_keeps_the_others(tiny_bundle, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)

@@ -59,12 +59,7 @@ def serve(options: ServeOptions, echo: Callable[[str], None]) -> None:
     try:
         for attempt in range(1, START_ATTEMPTS + 1):
             with Triton(config=config) as triton:
-                for name, (model, slots) in models.items():
-                    triton.bind(model_name=name, infer_func=[_callable(model)] * slots,
-                                inputs=[_tensor(Tensor, spec) for spec in model_inputs(name)],
-                                outputs=[_tensor(Tensor, spec) for spec in OUTPUTS],
-                                config=ModelConfig(batching=False), strict=True)
-                if not _loaded(triton, attempt, echo):
+                if not _loaded(triton, lambda: _bind(triton, models, Tensor, ModelConfig), attempt, echo):
                     continue
                 quality = _start_quality_metrics(options, models, echo)
                 echo(f"serving {', '.join(models)} on http://{options.host}:{options.http_port} "
@@ -118,14 +113,25 @@ def _start_quality_metrics(options: ServeOptions, models: dict, echo):
     return server
 
 
-def _loaded(triton, attempt: int, echo) -> bool:
-    """Start Triton and load the models; False (after saying why) when a start that may be retried failed.
+def _bind(triton, models: dict, tensor_type, model_config) -> None:
+    for name, (model, slots) in models.items():
+        triton.bind(model_name=name, infer_func=[_callable(model)] * slots,
+                    inputs=[_tensor(tensor_type, spec) for spec in model_inputs(name)],
+                    outputs=[_tensor(tensor_type, spec) for spec in OUTPUTS],
+                    config=model_config(batching=False), strict=True)
+
+
+def _loaded(triton, bind: Callable[[], None], attempt: int, echo) -> bool:
+    """Bind the models, start Triton and load them; False (after saying why) when a start that may be retried
+    failed.
 
     PyTriton's proxy instances can lose the race for their handshake socket while Triton loads several at
-    once ("Connection refused"): a fresh start succeeds."""
+    once ("Connection refused"), whether the load happens as a model is bound (a started Triton) or on
+    connecting: a fresh start succeeds."""
     from tritonclient.utils import InferenceServerException
 
     try:
+        bind()
         triton.connect()
     except InferenceServerException as err:
         if attempt == START_ATTEMPTS:

@@ -265,6 +265,7 @@ def test_fp16_bundle_swap_passes_the_fp16_gate_against_the_fp32_merge(merged_bun
     assert verdicts["swapped"].passed and not verdicts["unswapped"].passed  # the fp16 weights did change
 
 
+@pytest.mark.slow  # a whole export with external data (30 s); the swap itself is in the default tier
 def test_swap_reads_the_weights_from_external_data_as_from_the_graph(tiny_bundle, loras, tmp_path):
     from sdcompile.cli import cli
     from sdrun.bundle import open_bundle
