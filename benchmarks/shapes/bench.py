@@ -83,12 +83,14 @@ def runs(pipelines: dict, log) -> tuple[list[Run], np.ndarray]:
 
 
 def markdown(results: list[Run], psnr_db: np.ndarray, stamp: dict, weights: Path) -> str:
+    from sdrun.bundle import sha256_file
+
     summary = ["| run | images | colour | background | shape | seconds |", "|---|---|---|---|---|---|"]
     summary += [f"| {r.label} | {len(r.score.asked)} | {r.score.accuracy('colour'):.1%} | "
                 f"{r.score.accuracy('background'):.1%} | {r.score.accuracy('shape'):.1%} | {r.seconds:.1f} |"
                 for r in results]
     sections = [f"# tiny-shapes: meaning and fp16 accuracy\n\nWeights `{weights.name}` "
-                f"(sha256 `{provenance_sha(weights)}`); bars: colour ≥ {meaning.COLOUR_BAR:.0%}, background ≥ "
+                f"(sha256 `{sha256_file(weights)}`); bars: colour ≥ {meaning.COLOUR_BAR:.0%}, background ≥ "
                 f"{meaning.BACKGROUND_BAR:.0%}. Produced by `make bench-shapes`.",
                 "## Provenance\n\n" + "\n".join(provenance.summary_lines(stamp)),
                 "## Accuracy by the pixel judge\n\n" + "\n".join(summary),
@@ -106,12 +108,6 @@ def finite_mean(values: np.ndarray) -> float:
     """Mean of the finite values (identical images have infinite PSNR); inf if all are."""
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else float("inf")
-
-
-def provenance_sha(weights: Path) -> str:
-    from sdrun.bundle import sha256_file
-
-    return sha256_file(weights)
 
 
 def result_dict(results: list[Run], psnr_db: np.ndarray, stamp: dict) -> dict:
